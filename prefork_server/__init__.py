@@ -1,0 +1,22 @@
+"""prefork_server: pre-forked socket servers, supervised by a master process.
+
+The public names; see the modules for the design.
+"""
+
+from .daemon import PidFileError
+from .engine import Preforker
+from .master import BootError
+from .server import PreforkMixIn, PreforkTCPServer, PreforkUnixStreamServer
+from .worker import Worker
+
+__all__ = [
+    "BootError",
+    "PidFileError",
+    "PreforkMixIn",
+    "PreforkTCPServer",
+    "PreforkUnixStreamServer",
+    "Preforker",
+    "Worker",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,245 @@
+"""Preforker: the protocol-agnostic engine (the seed's API).
+
+::
+
+    def work(master):
+        setup_once_per_worker()
+        while master.wants_me_alive():
+            do_a_unit_of_work()
+        clean_up()
+
+    Preforker(work, workers=10, timeout=5).run()    # foreground, blocks until stopped
+    Preforker(work, workers=10, timeout=5).start()  # daemonize; the launcher returns
+
+Defaults that differ from the seed, because a Python user running in the foreground would
+not expect the seed's: ``run()`` logs to stderr (not ``./<app_name>.log``), leaves stdout
+and stderr where they are, and writes a pid file only when ``pid_path`` is given. ``start()``
+keeps the seed's defaults: log, stdout and stderr to ``./<app_name>.log``, pid file
+``./<app_name>.pid``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .daemon import Daemon, PidFile, redirect_stdio, reopen_log_handlers
+from .master import Master
+from .worker import Worker
+
+__all__ = ["Options", "Preforker", "default_logger"]
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value!r}")
+
+
+def _check_path(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a non-empty path, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of a Preforker. Constructing one raises ``ValueError``
+    naming the first invalid option."""
+
+    workers: int = 10
+    timeout: float = 5.0
+    graceful_timeout: float | None = None  # None: the same as timeout
+    app_name: str = "preforker"
+    pid_path: str | None = None
+    stdout_path: str | None = None
+    stderr_path: str | None = None
+    logger: logging.Logger | None = None
+    max_boot_failures: int = 5
+
+    def __post_init__(self) -> None:
+        _check_number("workers", self.workers, minimum=0, integer=True)
+        _check_number("timeout", self.timeout, minimum=0, integer=False)
+        if self.timeout == 0:
+            raise ValueError("timeout must be > 0, not 0")
+        if self.graceful_timeout is not None:
+            _check_number("graceful_timeout", self.graceful_timeout, minimum=0, integer=False)
+        _check_number("max_boot_failures", self.max_boot_failures, minimum=1, integer=True)
+        if not isinstance(self.app_name, str) or not self.app_name or "/" in self.app_name:
+            raise ValueError(
+                f"app_name must be a non-empty string without '/', not {self.app_name!r}"
+            )
+        for name in ("pid_path", "stdout_path", "stderr_path"):
+            _check_path(name, getattr(self, name))
+        if self.logger is not None and not isinstance(self.logger, logging.Logger):
+            raise ValueError(f"logger must be a logging.Logger, not {self.logger!r}")
+
+    @property
+    def grace(self) -> float:
+        return self.timeout if self.graceful_timeout is None else self.graceful_timeout
+
+
+def default_logger(app_name: str, path: str | None = None) -> logging.Logger:
+    """The logger used when none is given: ``prefork_server.<app_name>``.
+
+    It gets a handler of its own (to ``path``, else stderr) only if neither it nor the root
+    logger has one, so an application that configured logging keeps control of it.
+    """
+    logger = logging.getLogger(f"prefork_server.{app_name}")
+    if not logger.handlers and (path is not None or not logging.getLogger().handlers):
+        handler: logging.Handler
+        handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return logger
+
+
+class Preforker:
+    """Runs ``work(worker)`` in ``workers`` forked processes and keeps them alive.
+
+    Methods for the caller: :meth:`run`, :meth:`start`, :meth:`stop`.
+
+    ``work`` receives a :class:`~prefork_server.worker.Worker` and should loop while
+    ``worker.wants_me_alive()`` is true, calling it at least every ``timeout`` seconds; a
+    worker that does not is killed with SIGKILL and replaced. When ``work`` returns (or
+    raises, which is logged) while the master still wants the worker, it is respawned.
+
+    Options (each invalid one raises ``ValueError`` naming it): ``workers`` (10),
+    ``timeout`` (5 s), ``graceful_timeout`` (how long a graceful stop waits before
+    SIGKILL; default ``timeout``), ``app_name`` ("preforker"), ``pid_path``,
+    ``stdout_path``, ``stderr_path``, ``logger``, ``max_boot_failures`` (5: after that
+    many workers in a row exit before their first heartbeat, the master stops with
+    :class:`~prefork_server.master.BootError`).
+    """
+
+    def __init__(self, work: Callable[[Worker], None], **options: Any) -> None:
+        if not callable(work):
+            raise ValueError(f"work must be callable, not {work!r}")
+        self.work = work
+        self.options = Options(**options)
+        self._master: Master | None = None
+        self._stop_requested: bool | None = None  # graceful?
+        self._lock = threading.Lock()
+
+    # -- for the caller -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the master in this process until it is stopped (QUIT, TERM, INT, stop()).
+
+        Raises :class:`~prefork_server.daemon.PidFileError` if the pid file names a live
+        process, and :class:`~prefork_server.master.BootError` if workers cannot boot.
+        """
+        opts = self.options
+        logger = opts.logger or default_logger(opts.app_name)
+        self._serve(logger, opts.pid_path, opts.stdout_path, opts.stderr_path)
+
+    def start(self) -> int:
+        """Daemonize: run the master in a detached process; return its pid.
+
+        Returns once the master has written its pid file and its workers have booted;
+        raises ``RuntimeError`` (with the reason and where the log is) if it failed.
+        """
+        opts = self.options
+        pid_path = os.path.abspath(opts.pid_path or f"{opts.app_name}.pid")
+        log_path = os.path.abspath(f"{opts.app_name}.log")
+        PidFile(pid_path).check()  # fail here, in the caller, when we can
+        daemon = Daemon.spawn()
+        if daemon is not None:
+            try:
+                return daemon.wait()
+            except RuntimeError as e:
+                where = "its logger" if opts.logger else log_path
+                raise RuntimeError(f"{opts.app_name} failed to start: {e} (see {where})") from e
+        code = 1
+        try:
+            logger = opts.logger or default_logger(opts.app_name, log_path)
+            try:
+                self._serve(
+                    logger,
+                    pid_path,
+                    _abspath(opts.stdout_path) or log_path,
+                    _abspath(opts.stderr_path) or log_path,
+                    on_ready=Daemon.ready,
+                )
+                code = 0
+            except BaseException as e:
+                logger.exception("master failed")
+                Daemon.failed(str(e) or type(e).__name__)
+        finally:
+            os._exit(code)
+
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the master to stop; safe from any thread. Before :meth:`run` it makes
+        ``run()`` return as soon as it starts."""
+        with self._lock:
+            if self._master is not None:
+                self._master.request_stop(graceful)
+            else:
+                self._stop_requested = graceful
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _serve(
+        self,
+        logger: logging.Logger,
+        pid_path: str | None,
+        stdout_path: str | None,
+        stderr_path: str | None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        opts = self.options
+        redirect_stdio(_abspath(stdout_path), _abspath(stderr_path))
+
+        def reopen_logs() -> None:
+            redirect_stdio(_abspath(stdout_path), _abspath(stderr_path))
+            reopen_log_handlers(logger)
+
+        pid_file = PidFile(pid_path) if pid_path else None
+        if pid_file is not None:
+            pid_file.write()
+        master = Master(
+            self.work,
+            workers=opts.workers,
+            timeout=opts.timeout,
+            graceful_timeout=opts.grace,
+            logger=logger,
+            app_name=opts.app_name,
+            max_boot_failures=opts.max_boot_failures,
+            reopen_logs=reopen_logs,
+            on_ready=on_ready,
+        )
+        with self._lock:
+            self._master = master
+            if self._stop_requested is not None:
+                master.request_stop(self._stop_requested)
+        logger.info(
+            "master %d starting %d workers (timeout %gs)", os.getpid(), opts.workers, opts.timeout
+        )
+        try:
+            master.run()
+        finally:
+            with self._lock:
+                self._master = None
+                self._stop_requested = None
+            if pid_file is not None:
+                pid_file.remove()
+            logger.info("master %d stopped", os.getpid())
+
+
+def _abspath(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else os.path.abspath(os.fspath(path))

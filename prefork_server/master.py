@@ -1,0 +1,590 @@
+"""The master: keeps N workers alive, kills the hung ones, and obeys signals.
+
+The loop (:meth:`Master.run`) fits on one screen and does, in order:
+
+1. reap every dead child (``waitpid(-1, WNOHANG)`` until nothing is left), log why it died;
+2. take one queued signal or request and dispatch it in :meth:`Master._dispatch`, then loop;
+3. otherwise kill workers whose heartbeat or stop deadline has passed, and spawn or retire
+   workers to match the wanted count;
+4. sleep in ``select()`` on the wakeup pipe until the nearest deadline.
+
+Signals are recorded by ``signal.set_wakeup_fd``: Python's C-level handler writes the
+signal's number to the wakeup pipe, one byte per delivery, which also wakes the loop. The
+loop reads those bytes into an uncapped deque, so every delivered signal is acted on: five
+TTINs add five workers. (The Python-level handlers do nothing; Python runs them once per
+batch of identical signals, so they could not count. The kernel itself merges a signal
+sent again while the first is still pending.) Everything else happens in the loop.
+
+The decisions that need no process -- what a signal means, which workers are overdue, how
+long to wait before respawning -- are module-level pure functions, unit-tested as such.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import TypeVar
+
+from .daemon import set_process_title
+from .scoreboard import Scoreboard, Slot
+from .worker import Worker
+
+__all__ = [
+    "Action",
+    "BootError",
+    "Master",
+    "describe_exit",
+    "next_deadline",
+    "overdue",
+    "respawn_delay",
+    "signal_action",
+]
+
+K = TypeVar("K")
+
+# A worker that dies sooner than this after its spawn is part of a crash loop.
+CRASH_WINDOW = 1.0
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 10.0
+# If the master wakes this much later than it planned, it was stopped or starved.
+STALL_MARGIN = 1.0
+
+HANDLED_SIGNALS = (
+    "SIGQUIT", "SIGTERM", "SIGINT", "SIGWINCH", "SIGTTIN", "SIGTTOU",
+    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGCONT",
+)  # fmt: skip
+
+
+class BootError(RuntimeError):
+    """Workers kept failing before their first heartbeat; the master gave up."""
+
+
+class Action(enum.Enum):
+    """What the master does in response to a signal or request."""
+
+    GRACEFUL_STOP = "graceful stop"
+    IMMEDIATE_STOP = "immediate stop"
+    STOP_WORKERS = "stop all workers, keep the master"
+    ADD_WORKER = "one worker more"
+    REMOVE_WORKER = "one worker fewer"
+    REOPEN_LOGS = "reopen log files"
+    RELOAD = "reload: replace every worker"
+    UPGRADE = "re-exec for an upgrade"
+    RESUMED = "resumed after a stop"
+    WAKE = "wake up"
+    IGNORE = "ignore"
+
+
+def signal_action(signum: int, *, terminal_foreground: bool = False) -> Action:
+    """What a signal sent to the master means.
+
+    ``terminal_foreground`` is True when the master runs in the foreground of a terminal:
+    there a window resize sends SIGWINCH, so WINCH must not stop the workers.
+    """
+    table = {
+        signal.SIGQUIT: Action.GRACEFUL_STOP,
+        signal.SIGTERM: Action.IMMEDIATE_STOP,
+        signal.SIGINT: Action.IMMEDIATE_STOP,
+        signal.SIGWINCH: Action.IGNORE if terminal_foreground else Action.STOP_WORKERS,
+        signal.SIGTTIN: Action.ADD_WORKER,
+        signal.SIGTTOU: Action.REMOVE_WORKER,
+        signal.SIGUSR1: Action.REOPEN_LOGS,
+        signal.SIGHUP: Action.RELOAD,
+        signal.SIGUSR2: Action.UPGRADE,
+        signal.SIGCONT: Action.RESUMED,
+        signal.SIGCHLD: Action.WAKE,
+    }
+    return table.get(signal.Signals(signum), Action.IGNORE)
+
+
+def overdue(
+    beats: Mapping[K, float], now: float, timeout: float, excused_since: float = 0.0
+) -> list[K]:
+    """The keys whose last beat is more than ``timeout`` ago.
+
+    A beat older than ``excused_since`` counts as made then: after the master was stopped
+    or the machine suspended, no worker is blamed for time it did not have.
+    """
+    return [k for k, beat in beats.items() if now - max(beat, excused_since) > timeout]
+
+
+def next_deadline(
+    beats: Iterable[float], timeout: float, excused_since: float = 0.0
+) -> float | None:
+    """When the first of these workers becomes overdue, or None if there are none."""
+    return min((max(b, excused_since) + timeout for b in beats), default=None)
+
+
+def respawn_delay(previous: float, lifetime: float) -> float:
+    """How long to wait before respawning a worker that lived ``lifetime`` seconds.
+
+    A worker that ran for :data:`CRASH_WINDOW` or more is replaced at once and resets the
+    backoff; one that died sooner doubles the previous delay, from
+    :data:`FIRST_BACKOFF` up to :data:`MAX_BACKOFF`.
+    """
+    if lifetime >= CRASH_WINDOW:
+        return 0.0
+    return min(MAX_BACKOFF, max(FIRST_BACKOFF, previous * 2))
+
+
+def describe_exit(status: int) -> str:
+    """A wait status in words: ``exited with status 3``, ``killed by SIGKILL``."""
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    return f"ended with wait status {status}"
+
+
+# Deaths that somebody else caused: no crash loop, no boot failure.
+_EXTERNAL_KILLS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT})
+
+
+@dataclass
+class _Child:
+    pid: int
+    number: int
+    generation: int
+    slot: Slot
+    spawned_at: float
+    retiring: bool = False  # asked to stop gracefully (QUIT sent)
+    stop_deadline: float | None = None  # SIGKILL once passed
+    killed: str | None = None  # why the master sent SIGKILL
+
+
+def _terminal_foreground() -> bool:
+    """True if our process group is the foreground group of a controlling terminal."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Master:
+    """Forks ``workers`` children that each run ``target(worker)``, and keeps them alive.
+
+    Methods for the caller: :meth:`run` (blocks until stopped), :meth:`request_stop`
+    (thread-safe), :attr:`worker_pids`.
+
+    Not meant to be subclassed; customise through the callables given to the constructor.
+    """
+
+    def __init__(
+        self,
+        target: Callable[[Worker], None],
+        *,
+        workers: int,
+        timeout: float,
+        graceful_timeout: float,
+        logger: logging.Logger,
+        app_name: str,
+        max_boot_failures: int = 5,
+        reopen_logs: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self._target = target
+        self._wanted = workers
+        self._timeout = timeout
+        self._graceful_timeout = graceful_timeout
+        self._log = logger
+        self._app_name = app_name
+        self._max_boot_failures = max_boot_failures
+        self._reopen_logs = reopen_logs
+        self._on_ready = on_ready
+
+        self._children: dict[int, _Child] = {}
+        self._scoreboard = Scoreboard()
+        self._generation = 0
+        self._queue: collections.deque[int | Action] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        # Every worker inherits the read end; it reaches EOF when the master is gone.
+        self._death_r, self._death_w = os.pipe()
+        self._stopping: Action | None = None
+        self._excused_since = 0.0
+        self._next_spawn_at = 0.0
+        self._backoff = 0.0
+        self._boot_failures = 0
+        self._fatal: str | None = None
+        self._ready_pending = on_ready is not None
+        self._pid = os.getpid()
+        self._saved_handlers: dict[int, object] = {}
+        self._saved_wakeup_fd: int | None = None
+
+    # -- for the caller -----------------------------------------------------------------
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return sorted(self._children)
+
+    def request_stop(self, graceful: bool = True) -> None:
+        """Ask the loop to stop. Safe from any thread and from signal handlers."""
+        self._queue.append(Action.GRACEFUL_STOP if graceful else Action.IMMEDIATE_STOP)
+        self._wake()
+
+    def run(self) -> None:
+        """Run the master loop until a stop completes. Raises :class:`BootError`."""
+        set_process_title(f"{self._app_name} master")
+        self._install_signals()
+        try:
+            while True:
+                self._read_signals()
+                self._reap()
+                if self._stopping is not None and not self._children:
+                    break
+                if self._queue:
+                    self._dispatch(self._next_action())
+                    continue
+                now = time.monotonic()
+                self._enforce_deadlines(now)
+                if self._stopping is None:
+                    self._maintain_worker_count(now)
+                    self._check_ready()
+                self._sleep(now)
+        finally:
+            self._kill_leftovers()
+            self._restore_signals()
+            self._scoreboard.close()
+            for fd in (self._wake_r, self._wake_w, self._death_r, self._death_w):
+                os.close(fd)
+        if self._fatal is not None:
+            raise BootError(self._fatal)
+
+    # -- signals ------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self._log.warning(
+                "master loop runs outside the main thread: signals are not handled, "
+                "only shutdown() stops it"
+            )
+            return
+        self._saved_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for name in HANDLED_SIGNALS:
+            signum = getattr(signal, name)
+            self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._saved_handlers.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._saved_handlers.clear()
+        if self._saved_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._saved_wakeup_fd)
+            self._saved_wakeup_fd = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Nothing to do: the C-level handler already wrote ``signum`` to the wakeup pipe."""
+
+    def _read_signals(self) -> None:
+        """Move the signal numbers waiting in the wakeup pipe into the queue."""
+        while True:
+            try:
+                data = os.read(self._wake_r, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            # 0 is a plain wake-up (request_stop); SIGCHLD only wakes us to reap.
+            self._queue.extend(b for b in data if b and b != signal.SIGCHLD)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already wakes the loop; a closed one means we are done
+
+    def _next_action(self) -> Action:
+        item = self._queue.popleft()
+        if isinstance(item, Action):
+            return item
+        # Only a WINCH needs the (syscall-costly) question of who owns the terminal.
+        in_terminal = item == signal.SIGWINCH and _terminal_foreground()
+        return signal_action(item, terminal_foreground=in_terminal)
+
+    def _dispatch(self, action: Action) -> None:
+        """The one place where a signal or request turns into work."""
+        if action not in (Action.WAKE, Action.IGNORE, Action.RESUMED):
+            self._log.info("master: %s", action.value)
+        now = time.monotonic()
+        if action is Action.GRACEFUL_STOP:
+            self._begin_stop(Action.GRACEFUL_STOP, now)
+        elif action is Action.IMMEDIATE_STOP:
+            self._begin_stop(Action.IMMEDIATE_STOP, now)
+        elif action is Action.STOP_WORKERS:
+            self._wanted = 0
+        elif action is Action.ADD_WORKER:
+            self._wanted += 1
+        elif action is Action.REMOVE_WORKER:
+            self._wanted = max(0, self._wanted - 1)
+        elif action is Action.REOPEN_LOGS:
+            self._reopen()
+        elif action is Action.RELOAD:
+            self._generation += 1
+        elif action is Action.UPGRADE:
+            self._log.warning("master: re-exec upgrade (SIGUSR2) is not supported yet; ignored")
+        elif action is Action.RESUMED:
+            self._excuse(now, "was continued (SIGCONT)")
+        elif action is Action.IGNORE:
+            self._log.info("master: ignoring a signal (SIGWINCH in a terminal is a resize)")
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _spawn(self, number: int, now: float) -> None:
+        slot = self._scoreboard.allocate(0, self._generation, now)
+        handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
+        # Block our signals across fork so that the child cannot run the master's handlers
+        # before it installs its own; whatever arrives meanwhile stays pending, not lost.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self._scoreboard.release(slot)
+            self._log.error("master: cannot fork worker[%d]: %s", number, e)
+            self._backoff = respawn_delay(self._backoff, 0.0)
+            self._next_spawn_at = now + self._backoff
+            return
+        if pid == 0:
+            self._become_worker(number, slot, old_mask)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        slot.set_pid(pid)
+        self._children[pid] = _Child(pid, number, self._generation, slot, now)
+        self._log.info("master: spawned worker[%d] pid %d", number, pid)
+
+    def _become_worker(self, number: int, slot: Slot, old_mask: Iterable[int]) -> None:
+        code = 1
+        try:
+            set_process_title(f"{self._app_name} worker[{number}]")
+            signal.set_wakeup_fd(-1)
+            for fd in (self._wake_r, self._wake_w, self._death_w):
+                os.close(fd)
+            self._queue.clear()
+            worker = Worker(
+                number=number,
+                generation=self._generation,
+                slot=slot,
+                master_pid=self._pid,
+                death_fd=self._death_r,
+                timeout=self._timeout,
+                logger=self._log,
+                reopen_logs=self._reopen_logs,
+            )
+            worker._install_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self._target(worker)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - log it; the master decides what next
+            self._log.exception("worker[%d] (pid %d) crashed", number, os.getpid())
+            code = 1
+        finally:
+            _flush_everything(self._log)
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self._children.pop(pid, None)
+            if child is None:
+                continue  # not a worker (a hook's subprocess): nothing to do
+            view = child.slot.read()
+            self._scoreboard.release(child.slot)
+            self._worker_exited(child, status, view.booted)
+
+    def _worker_exited(self, child: _Child, status: int, booted: bool) -> None:
+        now = time.monotonic()
+        lifetime = now - child.spawned_at
+        how = describe_exit(status)
+        name = f"worker[{child.number}] (pid {child.pid})"
+        if child.killed is not None:
+            self._log.error("master: %s %s after %s", name, how, child.killed)
+            return
+        if child.retiring or self._stopping is not None:
+            self._log.info("master: %s %s", name, how)
+            return
+        signaled = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _EXTERNAL_KILLS
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            self._log.warning("master: %s returned from its work function", name)
+        else:
+            self._log.error("master: %s %s", name, how)
+        if signaled:
+            return  # somebody killed it: replace it at once
+        if not booted and os.WIFEXITED(status):
+            self._boot_failures += 1
+            if self._boot_failures >= self._max_boot_failures:
+                self._fatal = (
+                    f"{self._boot_failures} workers in a row exited before their first "
+                    f"heartbeat (last: {how}); giving up. See the log for their tracebacks."
+                )
+                self._log.critical("master: %s", self._fatal)
+                self._begin_stop(Action.IMMEDIATE_STOP, now)
+                return
+        elif booted:
+            self._boot_failures = 0
+        self._backoff = respawn_delay(self._backoff, lifetime)
+        if self._backoff:
+            self._next_spawn_at = max(self._next_spawn_at, now + self._backoff)
+            self._log.warning(
+                "master: %s lived %.2fs; respawning in %.2fs", name, lifetime, self._backoff
+            )
+
+    def _maintain_worker_count(self, now: float) -> None:
+        serving = [c for c in self._children.values() if not c.retiring]
+        for child in serving:
+            if child.number >= self._wanted:
+                self._retire(child, now)
+        # After a reload, an old worker leaves once its successor has booted.
+        current = {c.number: c for c in serving if c.generation == self._generation}
+        for child in serving:
+            successor = current.get(child.number)
+            if child.generation < self._generation and successor is not None:
+                if successor.slot.read().booted:
+                    self._retire(child, now)
+        if now < self._next_spawn_at:
+            return
+        for number in range(self._wanted):
+            if number not in current:
+                self._spawn(number, now)
+
+    def _retire(self, child: _Child, now: float) -> None:
+        child.retiring = True
+        child.stop_deadline = now + self._graceful_timeout
+        self._signal(child, signal.SIGQUIT)
+
+    def _signal(self, child: _Child, signum: int) -> None:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass  # already dead, reaped on the next turn
+
+    def _enforce_deadlines(self, now: float) -> None:
+        beats = {pid: c.slot.last_beat() for pid, c in self._children.items() if c.killed is None}
+        for pid in overdue(beats, now, self._timeout, self._excused_since):
+            child = self._children[pid]
+            child.killed = f"timeout (no heartbeat for {now - beats[pid]:.1f}s)"
+            self._log.error(
+                "master: worker[%d] (pid %d) missed its heartbeat for %.1fs "
+                "(timeout %gs); killing it", child.number, pid, now - beats[pid], self._timeout
+            )  # fmt: skip
+            self._signal(child, signal.SIGKILL)
+        for child in self._children.values():
+            if child.killed is None and child.stop_deadline is not None:
+                if now >= child.stop_deadline:
+                    child.killed = "the graceful stop deadline passed"
+                    self._signal(child, signal.SIGKILL)
+
+    def _begin_stop(self, how: Action, now: float) -> None:
+        if self._stopping is Action.IMMEDIATE_STOP:
+            return  # already the strongest stop
+        self._stopping = how
+        self._ready_pending = False
+        for child in self._children.values():
+            if how is Action.IMMEDIATE_STOP:
+                child.retiring = True
+                child.stop_deadline = now + min(self._graceful_timeout, 2.0)
+                self._signal(child, signal.SIGTERM)
+            elif not child.retiring:
+                self._retire(child, now)
+
+    def _kill_leftovers(self) -> None:
+        """On the way out, whatever happened: no worker outlives its master."""
+        for child in self._children.values():
+            self._signal(child, signal.SIGKILL)
+        for pid in list(self._children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self._children.pop(pid, None)
+
+    def _reopen(self) -> None:
+        if self._reopen_logs is not None:
+            try:
+                self._reopen_logs()
+            except OSError as e:
+                self._log.error("master: cannot reopen logs: %s", e)
+        for child in self._children.values():
+            self._signal(child, signal.SIGUSR1)
+
+    def _check_ready(self) -> None:
+        if not self._ready_pending:
+            return
+        booted = sum(1 for c in self._children.values() if c.slot.read().booted)
+        if booted >= self._wanted:
+            self._ready_pending = False
+            assert self._on_ready is not None
+            self._on_ready()
+
+    # -- sleeping -----------------------------------------------------------------------
+
+    def _sleep(self, now: float) -> None:
+        deadlines = []
+        beat_deadline = next_deadline(
+            (c.slot.last_beat() for c in self._children.values() if c.killed is None),
+            self._timeout,
+            self._excused_since,
+        )
+        if beat_deadline is not None:
+            deadlines.append(beat_deadline)
+        deadlines.extend(
+            c.stop_deadline for c in self._children.values() if c.stop_deadline is not None
+        )
+        if self._stopping is None and self._next_spawn_at > now:
+            deadlines.append(self._next_spawn_at)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        if self._ready_pending or not self._saved_handlers:
+            # Booting workers and (without signals) dying ones do not wake us: look often.
+            timeout = 0.05 if self._ready_pending else min(timeout or 0.5, 0.5)
+        try:
+            select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:
+            pass
+        woke = time.monotonic()
+        if timeout is not None and woke - (now + timeout) > STALL_MARGIN:
+            self._excuse(woke, f"slept {woke - now:.1f}s instead of {timeout:.1f}s")
+
+    def _excuse(self, now: float, why: str) -> None:
+        self._excused_since = now
+        self._log.info("master: %s; every worker gets a fresh timeout", why)
+
+
+def _flush_everything(logger: logging.Logger) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream must not block exit
+            pass
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        current = current.parent if current.propagate else None

@@ -1,0 +1,164 @@
+"""Shared-memory slots: one per live worker, written by the worker, read by the master.
+
+Why shared memory and not a pipe or a file touch: the heartbeat is stamped on every unit
+of work, so it must cost no system call. A worker writes ``time.monotonic()`` (a vDSO call
+on Linux, not a syscall) into its slot with ``struct.pack_into``; the master reads the slot
+when it decides who is overdue. Every field is 8-byte aligned, so a reader never sees a
+torn value on the platforms we run on.
+
+The memory is an anonymous shared ``mmap`` made by the master *before* it forks the worker
+that will own the slot, so the child inherits the mapping. Slots live in fixed-size
+segments; when all are taken the master maps another segment, so the worker count can grow
+(TTIN, adaptive pools) without remapping memory a running worker already uses.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import struct
+import time
+from dataclasses import dataclass
+
+__all__ = ["Scoreboard", "Slot", "SlotState", "SlotView"]
+
+
+class SlotState(enum.IntEnum):
+    """What a worker is doing, as recorded in its slot."""
+
+    FREE = 0  # no worker owns the slot
+    BOOTING = 1  # forked, has not yet called wants_me_alive()
+    IDLE = 2  # between units of work
+    BUSY = 3  # inside a unit of work (a connection, for servers)
+    STOPPING = 4  # asked to stop gracefully
+
+
+# pid, generation, state, booted, (pad), served, beat, busy_since, spawned_at
+_LAYOUT = struct.Struct("<iIBBxxxxxxQddd")
+_BEAT = struct.Struct("<d")
+_STATE = struct.Struct("<B")
+_SERVED = struct.Struct("<Q")
+_STATE_OFFSET = 8
+_BOOTED_OFFSET = 9
+_SERVED_OFFSET = 16
+_BEAT_OFFSET = 24
+_BUSY_SINCE_OFFSET = 32
+
+SLOT_SIZE = 64
+SLOTS_PER_SEGMENT = mmap.PAGESIZE // SLOT_SIZE
+assert _LAYOUT.size <= SLOT_SIZE
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """A consistent-enough copy of one slot, for the master and the status command."""
+
+    pid: int
+    generation: int
+    state: SlotState
+    booted: bool
+    served: int
+    beat: float
+    busy_since: float
+    spawned_at: float
+
+
+class Slot:
+    """One worker's record. The worker writes it; anyone holding the mapping may read it.
+
+    The write methods are the worker's hot path: each is a single ``pack_into``.
+    """
+
+    __slots__ = ("_mem", "_offset", "index")
+
+    def __init__(self, mem: mmap.mmap, offset: int, index: int) -> None:
+        self._mem = mem
+        self._offset = offset
+        self.index = index
+
+    def reset(self, pid: int, generation: int, now: float) -> None:
+        """Claim the slot for a newly forked worker (called by the master)."""
+        # The spawn time counts as the first beat, so a worker is given a full timeout to boot.
+        _LAYOUT.pack_into(
+            self._mem, self._offset, pid, generation, SlotState.BOOTING, 0, 0, now, 0.0, now
+        )
+
+    def set_pid(self, pid: int) -> None:
+        struct.pack_into("<i", self._mem, self._offset, pid)
+
+    def clear(self) -> None:
+        _LAYOUT.pack_into(self._mem, self._offset, 0, 0, SlotState.FREE, 0, 0, 0.0, 0.0, 0.0)
+
+    def beat(self, now: float) -> None:
+        _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
+
+    def mark_booted(self, now: float) -> None:
+        self._mem[self._offset + _BOOTED_OFFSET] = 1
+        self.idle(now, count=False)
+
+    def busy(self, now: float) -> None:
+        _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
+        _BEAT.pack_into(self._mem, self._offset + _BUSY_SINCE_OFFSET, now)
+        self._mem[self._offset + _STATE_OFFSET] = SlotState.BUSY
+
+    def idle(self, now: float, count: bool = True) -> None:
+        _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
+        if count:
+            served = _SERVED.unpack_from(self._mem, self._offset + _SERVED_OFFSET)[0]
+            _SERVED.pack_into(self._mem, self._offset + _SERVED_OFFSET, served + 1)
+        if self._mem[self._offset + _STATE_OFFSET] != SlotState.STOPPING:
+            self._mem[self._offset + _STATE_OFFSET] = SlotState.IDLE
+
+    def stopping(self) -> None:
+        self._mem[self._offset + _STATE_OFFSET] = SlotState.STOPPING
+
+    def last_beat(self) -> float:
+        return float(_BEAT.unpack_from(self._mem, self._offset + _BEAT_OFFSET)[0])
+
+    def read(self) -> SlotView:
+        pid, gen, state, booted, served, beat, busy_since, spawned = _LAYOUT.unpack_from(
+            self._mem, self._offset
+        )
+        return SlotView(pid, gen, SlotState(state), bool(booted), served, beat, busy_since, spawned)
+
+
+class Scoreboard:
+    """The master's table of slots. Not thread-safe: only the master loop allocates."""
+
+    def __init__(self) -> None:
+        self._segments: list[mmap.mmap] = []
+        self._free: list[int] = []
+        self._slots: list[Slot] = []
+
+    def allocate(self, pid: int, generation: int, now: float | None = None) -> Slot:
+        """Return a free slot, already reset for a worker that is about to be forked."""
+        if not self._free:
+            self._grow()
+        index = self._free.pop()
+        slot = self._slots[index]
+        slot.reset(pid, generation, time.monotonic() if now is None else now)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.clear()
+        self._free.append(slot.index)
+
+    def in_use(self) -> list[SlotView]:
+        free = set(self._free)
+        return [s.read() for s in self._slots if s.index not in free]
+
+    def close(self) -> None:
+        for mem in self._segments:
+            mem.close()
+        self._segments.clear()
+        self._slots.clear()
+        self._free.clear()
+
+    def _grow(self) -> None:
+        mem = mmap.mmap(-1, SLOTS_PER_SEGMENT * SLOT_SIZE, flags=mmap.MAP_SHARED)
+        self._segments.append(mem)
+        base = len(self._slots)
+        for i in range(SLOTS_PER_SEGMENT):
+            self._slots.append(Slot(mem, i * SLOT_SIZE, base + i))
+        # Hand out low indexes first so that a small pool stays in the first segment.
+        self._free.extend(reversed(range(base, base + SLOTS_PER_SEGMENT)))

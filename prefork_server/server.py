@@ -1,0 +1,276 @@
+"""The ``socketserver`` face of the engine: PreforkTCPServer and friends.
+
+::
+
+    with PreforkTCPServer(("127.0.0.1", 9000), Handler, workers=4, timeout=30) as server:
+        server.serve_forever()
+
+The constructor binds and listens in the calling process, exactly as
+``socketserver.TCPServer`` does. ``serve_forever()`` then becomes the master: it forks the
+workers, which inherit the listening socket, and supervises them until ``shutdown()`` or a
+signal stops it. Each worker waits in ``select()`` on the listening socket plus its wakeup
+descriptors, accepts without blocking until EAGAIN, and runs the handler per connection,
+stamping its heartbeat before and after each one.
+
+Any ``socketserver.BaseRequestHandler`` subclass works unchanged, and so do the mix-ins
+that override ``process_request`` (``ThreadingMixIn`` runs handler threads inside each
+worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import socketserver
+import sys
+import threading
+from typing import Any
+
+from .engine import Options, Preforker, default_logger
+from .sockets import clear_stale_unix_socket
+from .worker import Worker
+
+__all__ = ["PreforkMixIn", "PreforkTCPServer", "PreforkUnixStreamServer"]
+
+# A peer that goes away is routine for a server, not an error worth a traceback.
+_PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class PreforkMixIn(socketserver.BaseServer):
+    """Turns a ``socketserver`` server class into a pre-forking one.
+
+    Methods for the caller: ``serve_forever()``, ``start()``, ``shutdown()``,
+    ``server_close()``, the context manager; ``worker`` (in a worker process: its
+    :class:`~prefork_server.worker.Worker`, else None).
+
+    Methods that may be overridden, with their ``socketserver`` meaning: ``server_bind``,
+    ``server_activate``, ``get_request``, ``verify_request``, ``process_request``,
+    ``finish_request``, ``shutdown_request``, ``close_request``, ``handle_error``,
+    ``service_actions`` (called in each worker after every wake-up), ``server_close``.
+    Also ``worker_init(worker)``, called in each worker once, before it accepts.
+
+    Settings are class attributes a subclass may override, or constructor keywords:
+    ``workers`` (10), ``timeout`` (5 s: a worker silent for longer is killed; note that
+    ``socketserver`` used this name for the ``handle_request()`` wait, which it still is),
+    ``graceful_timeout``, ``app_name``, ``pid_path``, ``stdout_path``, ``stderr_path``,
+    ``logger``, ``max_boot_failures``.
+    """
+
+    workers: int = 10
+    timeout: float = 5.0
+    graceful_timeout: float | None = None
+    app_name: str = "prefork_server"
+    pid_path: str | None = None
+    stdout_path: str | None = None
+    stderr_path: str | None = None
+    logger: logging.Logger | None = None
+    max_boot_failures: int = 5
+
+    socket: socket.socket  # set by the socketserver class we are mixed with
+
+    _SETTINGS = (
+        "workers", "timeout", "graceful_timeout", "app_name", "pid_path",
+        "stdout_path", "stderr_path", "logger", "max_boot_failures",
+    )  # fmt: skip
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = {k: kwargs.pop(k) for k in self._SETTINGS if k in kwargs}
+        for name in self._SETTINGS:
+            settings.setdefault(name, getattr(self, name))
+        self._options = Options(**settings)  # raises ValueError before we bind anything
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self._log = self.logger or default_logger(self.app_name)
+        self.worker: Worker | None = None
+        self._engine: Preforker | None = None
+        self._serving_pid: int | None = None
+        self._serving_thread: threading.Thread | None = None
+        self._shut_down = threading.Event()
+        self._engine_lock = threading.Lock()
+        self._early_stop = False
+        super().__init__(*args, **kwargs)
+
+    # -- running ------------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Become the master and serve until ``shutdown()`` or a stop signal.
+
+        ``poll_interval`` is accepted for compatibility and not used: nothing here polls.
+        """
+        engine = self._make_engine()
+        self._shut_down.clear()
+        self._serving_pid = os.getpid()
+        self._serving_thread = threading.current_thread()
+        try:
+            with self._engine_lock:
+                self._engine = engine
+                if self._early_stop:
+                    engine.stop()
+            engine.run()
+        finally:
+            with self._engine_lock:
+                self._engine = None
+                self._early_stop = False
+                self._serving_thread = None
+            self._shut_down.set()
+
+    def start(self) -> int:
+        """Serve as a daemon (double fork, pid file); return the master's pid.
+
+        The calling process keeps its copy of the listening socket; close it with
+        ``server_close()`` if it has no more use for it.
+        """
+        return self._make_engine().start()
+
+    def shutdown(self) -> None:
+        """Stop serving gracefully and wait until ``serve_forever()`` has returned.
+
+        Never deadlocks: called from the thread that runs ``serve_forever()``, or from a
+        handler inside a worker process, it asks for the stop and returns at once. Called
+        before ``serve_forever()``, it makes that return as soon as it starts.
+        """
+        if self.worker is not None:  # inside a worker: ask our master
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker.master_pid, signal.SIGQUIT)
+            self.worker.stop()
+            return
+        with self._engine_lock:
+            engine = self._engine
+            if engine is None:
+                self._early_stop = True
+                return
+            engine.stop()
+            own_thread = self._serving_thread is threading.current_thread()
+        if not own_thread:
+            self._shut_down.wait()
+
+    # -- hooks with a prefork meaning ---------------------------------------------------
+
+    def worker_init(self, worker: Worker) -> None:
+        """Called once in each worker before it accepts; override to set up per-process
+        state (connections, caches). An exception here counts as a boot failure."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log the exception being handled, with its traceback; a peer that went away is
+        logged at debug level only. Called in the worker; the connection is then closed."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _PEER_GONE):
+            self._log.debug("client %s went away: %s", _addr(client_address), exc)
+        else:
+            self._log.error(
+                "error handling a request from %s", _addr(client_address), exc_info=True
+            )
+
+    def service_actions(self) -> None:
+        """Called in each worker after every wake-up (at least every ``timeout / 2``)."""
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _make_engine(self) -> Preforker:
+        # Non-blocking once, in the master: the flag lives on the open file that every
+        # worker shares, and a worker that loses the accept race must get EAGAIN.
+        self.socket.setblocking(False)
+        opts = self._options
+        return Preforker(
+            self._serve_in_worker,
+            **{name: getattr(opts, name) for name in self._SETTINGS if name != "logger"},
+            logger=self._log,
+        )
+
+    def _serve_in_worker(self, worker: Worker) -> None:
+        self.worker = worker
+        self.worker_init(worker)
+        listener = self.socket
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ, None)
+            for fd in worker.wakeup_fds:
+                selector.register(fd, selectors.EVENT_READ, fd)
+            while worker.wants_me_alive():
+                for key, _ in selector.select(worker.poll_interval):
+                    if key.data is None:
+                        self._accept_until_empty(worker)
+                    else:
+                        worker.drain_wakeup(key.data)
+                self.service_actions()
+
+    def _accept_until_empty(self, worker: Worker) -> None:
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker won the race, or the queue is empty
+            except OSError as e:
+                self._log.warning("accept failed: %s", e)
+                return
+            worker.busy()
+            try:
+                self._handle_one(request, client_address)
+            finally:
+                worker.idle()
+            if not worker.wants_me_alive():
+                return
+
+    def _handle_one(self, request: Any, client_address: Any) -> None:
+        # As socketserver.BaseServer._handle_request_noblock, minus the accept.
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one bad request must not end the worker
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+
+class PreforkTCPServer(PreforkMixIn, socketserver.TCPServer):
+    """``socketserver.TCPServer``, served by pre-forked worker processes.
+
+    ``PreforkTCPServer(server_address, RequestHandlerClass, bind_and_activate=True,
+    *, workers=10, timeout=5, ...)``; see :class:`PreforkMixIn` for the settings and the
+    methods that may be overridden. Set ``address_family = socket.AF_INET6`` in a subclass
+    for IPv6, as with ``socketserver``.
+    """
+
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
+class PreforkUnixStreamServer(PreforkMixIn, socketserver.UnixStreamServer):
+    """``socketserver.UnixStreamServer``, served by pre-forked worker processes.
+
+    A socket file left by a dead server is removed before binding; a live server's socket
+    or a file that is not a socket makes the constructor raise. The master removes the
+    socket file in ``server_close()``.
+    """
+
+    request_queue_size = 1024
+
+    def server_bind(self) -> None:
+        clear_stale_unix_socket(self._path)
+        super().server_bind()
+        self._bound_inode = os.stat(self._path).st_ino
+
+    @property
+    def _path(self) -> str:
+        return os.fsdecode(self.server_address)  # type: ignore[arg-type]
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._serving_pid != os.getpid():
+            return  # a worker or a launcher: the file belongs to the master
+        with contextlib.suppress(OSError):
+            if os.stat(self._path).st_ino == getattr(self, "_bound_inode", None):
+                os.unlink(self._path)
+
+
+def _addr(client_address: Any) -> str:
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return f"{client_address[0]}:{client_address[1]}"
+    return str(client_address) or "a local client"

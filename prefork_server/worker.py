@@ -1,0 +1,202 @@
+"""The worker side: what a forked worker sees of the master.
+
+A worker is handed a :class:`Worker` (the seed called it ``master``, because it is the
+master's voice inside the worker). Its one duty is to call :meth:`Worker.wants_me_alive`
+at least once every ``timeout`` seconds; the call is both the heartbeat and the stop check.
+
+How a worker learns that it should stop:
+
+* SIGQUIT from the master (graceful): a flag, so the current unit of work finishes and the
+  next ``wants_me_alive()`` returns False.
+* The master died: the master holds the write end of a pipe whose read end every worker
+  inherits; when the master is gone the pipe reaches EOF. Loops that ``select()`` include
+  :attr:`Worker.wakeup_fds` and notice at once; ``wants_me_alive()`` also looks at most
+  every half second (one zero-timeout ``select``), and on Linux the kernel sends SIGTERM
+  when the parent dies (``PR_SET_PDEATHSIG``) so a worker stuck in foreign code exits too.
+* SIGTERM / SIGINT: the default action, so the worker dies at once, running no cleanup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from .scoreboard import Slot
+
+__all__ = ["Worker"]
+
+# How often wants_me_alive() checks the master-death pipe (seconds of monotonic time).
+_PARENT_CHECK_INTERVAL = 0.5
+
+# Signals a worker ignores: they are meant for the master (and reach workers only when sent
+# to the whole process group, e.g. a terminal resize sends WINCH).
+_IGNORED_IN_WORKER = ("SIGWINCH", "SIGTTIN", "SIGTTOU", "SIGHUP", "SIGUSR2")
+
+
+class Worker:
+    """A worker's handle on its master, passed to the work function.
+
+    Methods for the caller:
+
+    - :meth:`wants_me_alive` -- heartbeat and stop check; call it at least every ``timeout``.
+    - :meth:`busy` / :meth:`idle` -- bracket one unit of work (a connection) so the
+      scoreboard shows what the worker does; both also count as a heartbeat.
+    - :attr:`wakeup_fds` -- descriptors to include in a ``select()`` so that a stop request
+      or the master's death wakes the worker at once.
+    - :attr:`poll_interval` -- the longest a loop should block between two heartbeats.
+
+    Attributes a caller may read: ``number`` (the worker's index, 0..workers-1),
+    ``generation``, ``master_pid``, ``timeout``, ``logger``.
+    """
+
+    def __init__(
+        self,
+        *,
+        number: int,
+        generation: int,
+        slot: Slot,
+        master_pid: int,
+        death_fd: int,
+        timeout: float,
+        logger: logging.Logger,
+        reopen_logs: Callable[[], None] | None = None,
+    ) -> None:
+        self.number = number
+        self.generation = generation
+        self.master_pid = master_pid
+        self.timeout = timeout
+        self.logger = logger
+        self._slot = slot
+        self._death_fd = death_fd
+        self._reopen_logs = reopen_logs
+        self._alive = True
+        self._booted = False
+        self._reopen_requested = False
+        self._next_parent_check = 0.0
+        self._signal_r = -1
+        self._signal_w = -1
+
+    # -- for the work function ----------------------------------------------------------
+
+    @property
+    def poll_interval(self) -> float:
+        """Block at most this long between heartbeats: half the timeout."""
+        return self.timeout / 2
+
+    @property
+    def wakeup_fds(self) -> tuple[int, ...]:
+        """Descriptors that become readable when the worker should re-check its state.
+
+        One reaches EOF when the master dies; the other receives a byte on every signal the
+        worker handles (SIGQUIT, SIGUSR1). Readable descriptors can be drained with
+        :meth:`drain_wakeup`.
+        """
+        fds = (self._death_fd, self._signal_r)
+        return tuple(fd for fd in fds if fd >= 0)
+
+    def wants_me_alive(self) -> bool:
+        """Stamp the heartbeat; return False once the worker should leave its loop.
+
+        Costs no system call on the common path (a shared-memory write), except a
+        zero-timeout ``select`` on the master-death pipe at most twice a second.
+        """
+        now = time.monotonic()
+        if not self._booted:
+            self._booted = True
+            self._slot.mark_booted(now)
+        else:
+            self._slot.beat(now)
+        if self._reopen_requested:
+            self._reopen_requested = False
+            if self._reopen_logs is not None:
+                self._reopen_logs()
+        if self._alive and now >= self._next_parent_check:
+            self._next_parent_check = now + _PARENT_CHECK_INTERVAL
+            if self.master_is_gone():
+                self.logger.warning(
+                    "worker[%d] master %d is gone, exiting", self.number, self.master_pid
+                )
+                self._alive = False
+        return self._alive
+
+    def busy(self) -> None:
+        """Mark the start of a unit of work (counts as a heartbeat)."""
+        self._slot.busy(time.monotonic())
+
+    def idle(self) -> None:
+        """Mark the end of a unit of work: heartbeat, and one more unit served."""
+        self._slot.idle(time.monotonic())
+
+    def stop(self) -> None:
+        """Make the next :meth:`wants_me_alive` return False (as SIGQUIT does)."""
+        self._alive = False
+        self._slot.stopping()
+
+    def master_is_gone(self) -> bool:
+        """True if the master process has exited (its pipe reached EOF)."""
+        if self._death_fd < 0:
+            return os.getppid() != self.master_pid
+        readable, _, _ = select.select([self._death_fd], [], [], 0)
+        return bool(readable)
+
+    def drain_wakeup(self, fd: int) -> None:
+        """Consume a readable wakeup descriptor; notices the master's death."""
+        if fd == self._death_fd:
+            if self._alive:
+                self.logger.warning(
+                    "worker[%d] master %d is gone, exiting", self.number, self.master_pid
+                )
+            self._alive = False
+            return
+        try:
+            while os.read(fd, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- set up by the master right after fork ------------------------------------------
+
+    def _install_signals(self) -> None:
+        """Runs in the child right after fork: replace the master's handlers."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._signal_r, self._signal_w = r, w
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        for name in ("SIGTERM", "SIGINT", "SIGCHLD", "SIGCONT"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        for name in _IGNORED_IN_WORKER:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        _set_parent_death_signal(signal.SIGTERM)
+        # The master may have died between fork and prctl: then no signal will come.
+        if os.getppid() != self.master_pid:
+            self._alive = False
+
+    def _on_quit(self, signum: int, frame: FrameType | None) -> None:
+        self._alive = False
+        self._slot.stopping()
+
+    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
+        self._reopen_requested = True
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Ask Linux to send ``signum`` when the master dies; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):  # no libc symbol: the pipe still works
+        pass

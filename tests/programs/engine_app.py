@@ -1,0 +1,84 @@
+"""A Preforker program for the black-box tests, steered by its command line.
+
+Each worker appends "<pid> <event>" lines to --events, so a test can see what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from prefork_server import Preforker
+
+
+def record(path: str, what: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {what}\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--events", required=True)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--graceful-timeout", type=float, default=None)
+    p.add_argument(
+        "--mode",
+        default="loop",
+        choices=["loop", "return", "raise", "bootfail", "stuck-once", "print"],
+    )
+    p.add_argument("--daemon", action="store_true")
+    p.add_argument("--pid-file")
+    p.add_argument("--stdout")
+    p.add_argument("--stderr")
+    p.add_argument("--app-name", default="enginetest")
+    p.add_argument("--max-boot-failures", type=int, default=5)
+    a = p.parse_args()
+
+    def work(master):  # noqa: ANN001 - the seed's name for the worker handle
+        record(a.events, "boot")
+        if a.mode == "bootfail":
+            raise RuntimeError("cannot boot")
+        if a.mode == "stuck-once":
+            try:  # the first worker to get here hangs without a heartbeat, the rest work
+                os.close(os.open(a.events + ".stuck", os.O_CREAT | os.O_EXCL))
+                record(a.events, "stuck")
+                while True:
+                    time.sleep(1)
+            except FileExistsError:
+                pass
+        while master.wants_me_alive():
+            if a.mode == "return":
+                record(a.events, "returning")
+                return
+            if a.mode == "raise":
+                raise ValueError("boom in the work function")
+            if a.mode == "print":
+                print(f"stdout from {os.getpid()}", flush=True)
+                print(f"stderr from {os.getpid()}", file=sys.stderr, flush=True)
+                record(a.events, "printed")
+                a.mode = "loop"
+            time.sleep(0.02)
+        record(a.events, "after-loop")
+
+    engine = Preforker(
+        work,
+        workers=a.workers,
+        timeout=a.timeout,
+        graceful_timeout=a.graceful_timeout,
+        app_name=a.app_name,
+        pid_path=a.pid_file,
+        stdout_path=a.stdout,
+        stderr_path=a.stderr,
+        max_boot_failures=a.max_boot_failures,
+    )
+    if a.daemon:
+        print(f"DAEMON={engine.start()}", flush=True)
+    else:
+        engine.run()
+
+
+if __name__ == "__main__":
+    main()
