@@ -1,0 +1,227 @@
+"""The master's pure decisions, the scoreboard and option validation, without processes
+(except for real wait statuses, which come from real children)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+
+import pytest
+
+from prefork_server.daemon import PidFile, PidFileError
+from prefork_server.engine import Options, Preforker
+from prefork_server.master import (
+    CRASH_WINDOW,
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    Action,
+    describe_exit,
+    next_deadline,
+    overdue,
+    respawn_delay,
+    signal_action,
+)
+from prefork_server.scoreboard import Scoreboard, SlotState
+from prefork_server.sockets import parse_bind
+
+
+@pytest.mark.parametrize(
+    ("sig", "action"),
+    [
+        (signal.SIGQUIT, Action.GRACEFUL_STOP),
+        (signal.SIGTERM, Action.IMMEDIATE_STOP),
+        (signal.SIGINT, Action.IMMEDIATE_STOP),
+        (signal.SIGWINCH, Action.STOP_WORKERS),
+        (signal.SIGTTIN, Action.ADD_WORKER),
+        (signal.SIGTTOU, Action.REMOVE_WORKER),
+        (signal.SIGUSR1, Action.REOPEN_LOGS),
+        (signal.SIGHUP, Action.RELOAD),
+        (signal.SIGUSR2, Action.UPGRADE),
+        (signal.SIGCONT, Action.RESUMED),
+        (signal.SIGPIPE, Action.IGNORE),
+    ],
+)
+def test_signal_meanings(sig: int, action: Action) -> None:
+    assert signal_action(sig) is action
+
+
+def test_winch_in_a_terminal_foreground_is_a_resize_not_a_stop() -> None:
+    assert signal_action(signal.SIGWINCH, terminal_foreground=True) is Action.IGNORE
+    assert signal_action(signal.SIGQUIT, terminal_foreground=True) is Action.GRACEFUL_STOP
+
+
+def test_overdue_workers() -> None:
+    beats = {"a": 100.0, "b": 104.0, "c": 95.0}
+    assert overdue(beats, now=104.5, timeout=5) == ["c"]
+    assert sorted(overdue(beats, now=108.0, timeout=5)) == ["a", "c"]
+    assert overdue(beats, now=100.0, timeout=5) == []  # c is exactly at the limit: not late
+
+
+def test_excused_time_is_not_held_against_a_worker() -> None:
+    beats = {"a": 100.0, "b": 50.0}
+    # The master was stopped until 108: every beat counts as made then.
+    assert overdue(beats, now=110.0, timeout=5, excused_since=108.0) == []
+    assert overdue(beats, now=113.5, timeout=5, excused_since=108.0) == ["a", "b"]
+
+
+def test_next_deadline() -> None:
+    assert next_deadline([100.0, 90.0, 95.0], timeout=5) == 95.0
+    assert next_deadline([100.0, 90.0], timeout=5, excused_since=99.0) == 104.0
+    assert next_deadline([], timeout=5) is None
+
+
+def test_respawn_backoff_doubles_for_crash_loops_and_resets_for_healthy_workers() -> None:
+    delays = []
+    delay = 0.0
+    for _ in range(12):
+        delay = respawn_delay(delay, lifetime=0.01)
+        delays.append(delay)
+    assert delays[:4] == [FIRST_BACKOFF, 2 * FIRST_BACKOFF, 4 * FIRST_BACKOFF, 8 * FIRST_BACKOFF]
+    assert delays[-1] == MAX_BACKOFF
+    assert all(a <= b for a, b in zip(delays, delays[1:]))
+    assert respawn_delay(delay, lifetime=CRASH_WINDOW) == 0.0
+
+
+def _status_of(code: str) -> int:
+    pid = os.fork()
+    if pid == 0:  # a real child gives the kernel's real wait status
+        exec(code)  # noqa: S102
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_exit_statuses_in_words() -> None:
+    assert describe_exit(_status_of("os._exit(3)")) == "exited with status 3"
+    assert describe_exit(_status_of("os._exit(0)")) == "exited with status 0"
+    killed = _status_of("os.kill(os.getpid(), signal.SIGKILL)")
+    assert describe_exit(killed) == "killed by SIGKILL"
+    assert describe_exit(_status_of("os.kill(os.getpid(), signal.SIGTERM)")) == (
+        "killed by SIGTERM"
+    )
+
+
+def test_scoreboard_slots_record_the_worker_side() -> None:
+    board = Scoreboard()
+    try:
+        slot = board.allocate(0, generation=2, now=10.0)
+        slot.set_pid(1234)
+        view = slot.read()
+        assert (view.pid, view.generation, view.state, view.booted) == (
+            1234, 2, SlotState.BOOTING, False
+        )  # fmt: skip
+        assert view.beat == 10.0, "the spawn time counts as the first beat"
+        slot.mark_booted(11.0)
+        slot.busy(12.0)
+        assert slot.read().state is SlotState.BUSY
+        slot.idle(13.0)
+        view = slot.read()
+        assert (view.state, view.served, view.beat, view.busy_since, view.booted) == (
+            SlotState.IDLE, 1, 13.0, 12.0, True
+        )  # fmt: skip
+        slot.stopping()
+        slot.idle(14.0)
+        assert slot.read().state is SlotState.STOPPING, "a stopping worker stays stopping"
+        others = [board.allocate(0, 0, 0.0) for _ in range(300)]  # grows past one segment
+        assert len({s.index for s in [slot, *others]}) == 301
+        board.release(slot)
+        assert board.allocate(0, 3, 1.0).index == slot.index, "released slots are reused"
+    finally:
+        board.close()
+
+
+def test_a_slot_is_shared_with_a_forked_child() -> None:
+    board = Scoreboard()
+    try:
+        slot = board.allocate(0, 0, 0.0)
+        pid = os.fork()
+        if pid == 0:
+            slot.mark_booted(42.0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert slot.read().booted and slot.last_beat() == 42.0
+    finally:
+        board.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"workers": -1}, "workers"),
+        ({"workers": "3"}, "workers"),
+        ({"workers": True}, "workers"),
+        ({"workers": 2.5}, "workers"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"graceful_timeout": -1}, "graceful_timeout"),
+        ({"app_name": ""}, "app_name"),
+        ({"app_name": "a/b"}, "app_name"),
+        ({"pid_path": ""}, "pid_path"),
+        ({"stdout_path": 3}, "stdout_path"),
+        ({"logger": "log"}, "logger"),
+        ({"max_boot_failures": 0}, "max_boot_failures"),
+    ],
+)
+def test_invalid_options_name_the_option(options: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        Options(**options)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        Preforker(lambda worker: None, **options)
+
+
+def test_unknown_option_and_non_callable_work_are_refused() -> None:
+    with pytest.raises(TypeError):
+        Preforker(lambda worker: None, wokers=3)
+    with pytest.raises(ValueError, match="^work "):
+        Preforker("not callable")  # type: ignore[arg-type]
+
+
+def test_default_options_are_the_seeds() -> None:
+    opts = Options()
+    assert (opts.workers, opts.timeout, opts.app_name, opts.grace) == (10, 5.0, "preforker", 5.0)
+    assert Options(logger=logging.getLogger("x"), timeout=2).grace == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "address"),
+    [
+        ("127.0.0.1:9000", socket.AF_INET, ("127.0.0.1", 9000)),
+        (":8000", socket.AF_INET, ("0.0.0.0", 8000)),
+        ("localhost:0", socket.AF_INET, ("localhost", 0)),
+        ("[::1]:9000", socket.AF_INET6, ("::1", 9000)),
+        ("unix:/tmp/x.sock", socket.AF_UNIX, "/tmp/x.sock"),
+    ],
+)
+def test_parse_bind(text: str, family: int, address: object) -> None:
+    parsed = parse_bind(text)
+    assert (parsed.family, parsed.address) == (family, address)
+    assert parse_bind(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize("text", ["", "9000", "host:", "host:port", "::1:80", "[::1]80",
+                                  "1.2.3.4:70000", "unix:"])  # fmt: skip
+def test_parse_bind_rejects_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="^bind"):
+        parse_bind(text)
+
+
+def test_pid_file_write_check_remove(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pid_file = PidFile(tmp_path / "x.pid")
+    assert pid_file.read() is None
+    pid_file.write()
+    assert pid_file.read() == os.getpid()
+    assert not [p for p in os.listdir(tmp_path) if p != "x.pid"], "no temp file left"
+    assert pid_file.remove(pid=os.getpid() + 1) is False, "only the owner removes it"
+    assert pid_file.read() == os.getpid()
+    parent = os.getppid()  # a live process that is not us
+    (tmp_path / "x.pid").write_text(f"{parent}\n")
+    with pytest.raises(PidFileError, match=f"names pid {parent}, which is running"):
+        pid_file.write()
+    assert pid_file.remove() is False
+    (tmp_path / "x.pid").write_text("garbage\n")
+    pid_file.write()
+    assert pid_file.remove() is True
+    assert not (tmp_path / "x.pid").exists()
