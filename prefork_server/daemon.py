@@ -13,6 +13,8 @@ import tempfile
 
 __all__ = [
     "Daemon",
+    "drop_privileges",
+    "resolve_user",
     "PidFile",
     "PidFileError",
     "open_append",
@@ -218,6 +220,47 @@ def reopen_log_handlers(logger: logging.Logger) -> None:
             finally:
                 handler.release()
         current = current.parent if current.propagate else None
+
+
+def resolve_user(user: str | int | None, group: str | int | None) -> tuple[int, int] | None:
+    """(uid, gid) for a user and group given by name or number; None if neither is given.
+
+    The group defaults to the user's primary group. Raises ``ValueError`` naming the
+    option that names nobody.
+    """
+    import grp
+    import pwd
+
+    if user is None and group is None:
+        return None
+    uid, gid = os.getuid(), os.getgid()
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        except (KeyError, TypeError):
+            raise ValueError(f"user {user!r} does not exist") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group is not None:
+        try:
+            gid = (grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)).gr_gid
+        except (KeyError, TypeError):
+            raise ValueError(f"group {group!r} does not exist") from None
+    return uid, gid
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (group first, while we still may change it)."""
+    if os.getuid() == uid and os.getgid() == gid:
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        os.initgroups(name, gid)
+    except KeyError:
+        os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def set_process_title(title: str) -> None:

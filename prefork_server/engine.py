@@ -20,6 +20,7 @@ keeps the seed's defaults: log, stdout and stderr to ``./<app_name>.log``, pid f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .daemon import Daemon, PidFile, redirect_stdio, reopen_log_handlers
+from .daemon import (
+    Daemon,
+    PidFile,
+    drop_privileges,
+    redirect_stdio,
+    reopen_log_handlers,
+    resolve_user,
+)
+from .hooks import Hooks
 from .master import Master
 from .worker import Worker
 
@@ -68,6 +77,12 @@ class Options:
     stderr_path: str | None = None
     logger: logging.Logger | None = None
     max_boot_failures: int = 5
+    max_requests: int = 0  # 0: a worker serves forever
+    max_requests_jitter: int = 0
+    graceful_term: bool = False
+    user: str | int | None = None
+    group: str | int | None = None
+    hooks: Hooks = Hooks()
 
     def __post_init__(self) -> None:
         _check_number("workers", self.workers, minimum=0, integer=True)
@@ -85,6 +100,13 @@ class Options:
             _check_path(name, getattr(self, name))
         if self.logger is not None and not isinstance(self.logger, logging.Logger):
             raise ValueError(f"logger must be a logging.Logger, not {self.logger!r}")
+        _check_number("max_requests", self.max_requests, minimum=0, integer=True)
+        _check_number("max_requests_jitter", self.max_requests_jitter, minimum=0, integer=True)
+        if not isinstance(self.graceful_term, bool):
+            raise ValueError(f"graceful_term must be True or False, not {self.graceful_term!r}")
+        resolve_user(self.user, self.group)  # a name that names nobody fails now
+        if not isinstance(self.hooks, Hooks):
+            raise ValueError(f"hooks must be a prefork_server.Hooks, not {self.hooks!r}")
 
     @property
     def grace(self) -> float:
@@ -124,13 +146,26 @@ class Preforker:
     SIGKILL; default ``timeout``), ``app_name`` ("preforker"), ``pid_path``,
     ``stdout_path``, ``stderr_path``, ``logger``, ``max_boot_failures`` (5: after that
     many workers in a row exit before their first heartbeat, the master stops with
-    :class:`~prefork_server.master.BootError`).
+    :class:`~prefork_server.master.BootError`), ``max_requests`` (0: unlimited; a
+    worker retires gracefully after that many units of work) and ``max_requests_jitter``
+    (a random 0..jitter added per worker, so they do not all restart at once),
+    ``graceful_term`` (False: TERM stops at once; True: TERM stops gracefully, as QUIT),
+    ``user``/``group`` (workers drop to them right after fork, before any work).
+
+    Hooks, as keywords (see :mod:`prefork_server.hooks`): ``before_fork(number)``,
+    ``after_fork(worker)``, ``worker_exit(worker)``, ``on_worker_timeout(number, pid)``,
+    ``on_reload()``.
     """
 
     def __init__(self, work: Callable[[Worker], None], **options: Any) -> None:
         if not callable(work):
             raise ValueError(f"work must be callable, not {work!r}")
         self.work = work
+        hook_names = ("before_fork", "after_fork", "worker_exit", "on_worker_timeout",
+                      "on_reload")  # fmt: skip
+        hooks = {name: options.pop(name) for name in hook_names if name in options}
+        if hooks:
+            options["hooks"] = Hooks(**hooks)
         self.options = Options(**options)
         self._master: Master | None = None
         self._stop_requested: bool | None = None  # graceful?
@@ -194,6 +229,17 @@ class Preforker:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _worker_hooks(self) -> Hooks:
+        """The user's hooks, with the privilege drop first in ``after_fork``."""
+        hooks = self.options.hooks
+        ids = resolve_user(self.options.user, self.options.group)
+        if ids is None:
+            return hooks
+        uid, gid = ids
+        return dataclasses.replace(
+            hooks, after_fork=_chain(lambda worker: drop_privileges(uid, gid), hooks.after_fork)
+        )
+
     def _serve(
         self,
         logger: logging.Logger,
@@ -220,6 +266,10 @@ class Preforker:
             logger=logger,
             app_name=opts.app_name,
             max_boot_failures=opts.max_boot_failures,
+            max_requests=opts.max_requests,
+            max_requests_jitter=opts.max_requests_jitter,
+            graceful_term=opts.graceful_term,
+            hooks=self._worker_hooks(),
             reopen_logs=reopen_logs,
             on_ready=on_ready,
         )
@@ -239,6 +289,17 @@ class Preforker:
             if pid_file is not None:
                 pid_file.remove()
             logger.info("master %d stopped", os.getpid())
+
+
+def _chain(
+    first: Callable[[Worker], Any], then: Callable[[Worker], Any] | None
+) -> Callable[[Worker], Any]:
+    def both(worker: Worker) -> None:
+        first(worker)
+        if then is not None:
+            then(worker)
+
+    return both
 
 
 def _abspath(path: str | os.PathLike[str] | None) -> str | None:

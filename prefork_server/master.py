@@ -25,6 +25,7 @@ import collections
 import enum
 import logging
 import os
+import random
 import select
 import signal
 import sys
@@ -36,7 +37,8 @@ from types import FrameType
 from typing import TypeVar
 
 from .daemon import set_process_title
-from .scoreboard import Scoreboard, Slot
+from .hooks import Hooks
+from .scoreboard import Scoreboard, Slot, SlotState
 from .worker import Worker
 
 __all__ = [
@@ -85,15 +87,18 @@ class Action(enum.Enum):
     IGNORE = "ignore"
 
 
-def signal_action(signum: int, *, terminal_foreground: bool = False) -> Action:
+def signal_action(
+    signum: int, *, terminal_foreground: bool = False, graceful_term: bool = False
+) -> Action:
     """What a signal sent to the master means.
 
     ``terminal_foreground`` is True when the master runs in the foreground of a terminal:
     there a window resize sends SIGWINCH, so WINCH must not stop the workers.
+    ``graceful_term`` makes TERM a graceful stop, as systemd, Docker and Kubernetes expect.
     """
     table = {
         signal.SIGQUIT: Action.GRACEFUL_STOP,
-        signal.SIGTERM: Action.IMMEDIATE_STOP,
+        signal.SIGTERM: Action.GRACEFUL_STOP if graceful_term else Action.IMMEDIATE_STOP,
         signal.SIGINT: Action.IMMEDIATE_STOP,
         signal.SIGWINCH: Action.IGNORE if terminal_foreground else Action.STOP_WORKERS,
         signal.SIGTTIN: Action.ADD_WORKER,
@@ -200,6 +205,10 @@ class Master:
         logger: logging.Logger,
         app_name: str,
         max_boot_failures: int = 5,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        graceful_term: bool = False,
+        hooks: Hooks | None = None,
         reopen_logs: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
@@ -210,6 +219,10 @@ class Master:
         self._log = logger
         self._app_name = app_name
         self._max_boot_failures = max_boot_failures
+        self._max_requests = max_requests
+        self._max_requests_jitter = max_requests_jitter
+        self._graceful_term = graceful_term
+        self._hooks = hooks or Hooks()
         self._reopen_logs = reopen_logs
         self._on_ready = on_ready
 
@@ -319,7 +332,9 @@ class Master:
             return item
         # Only a WINCH needs the (syscall-costly) question of who owns the terminal.
         in_terminal = item == signal.SIGWINCH and _terminal_foreground()
-        return signal_action(item, terminal_foreground=in_terminal)
+        return signal_action(
+            item, terminal_foreground=in_terminal, graceful_term=self._graceful_term
+        )
 
     def _dispatch(self, action: Action) -> None:
         """The one place where a signal or request turns into work."""
@@ -339,7 +354,7 @@ class Master:
         elif action is Action.REOPEN_LOGS:
             self._reopen()
         elif action is Action.RELOAD:
-            self._generation += 1
+            self._reload()
         elif action is Action.UPGRADE:
             self._log.warning("master: re-exec upgrade (SIGUSR2) is not supported yet; ignored")
         elif action is Action.RESUMED:
@@ -349,7 +364,15 @@ class Master:
 
     # -- workers ------------------------------------------------------------------------
 
+    def _reload(self) -> None:
+        if not self._hooks.call("on_reload", self._log):
+            self._log.error("master: reload abandoned; the current workers keep serving")
+            return
+        self._generation += 1
+        self._boot_failures = 0
+
     def _spawn(self, number: int, now: float) -> None:
+        self._hooks.call("before_fork", self._log, number)
         slot = self._scoreboard.allocate(0, self._generation, now)
         handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
         # Block our signals across fork so that the child cannot run the master's handlers
@@ -379,6 +402,9 @@ class Master:
             for fd in (self._wake_r, self._wake_w, self._death_w):
                 os.close(fd)
             self._queue.clear()
+            limit = self._max_requests
+            if limit:
+                limit += random.randint(0, self._max_requests_jitter)
             worker = Worker(
                 number=number,
                 generation=self._generation,
@@ -388,10 +414,14 @@ class Master:
                 timeout=self._timeout,
                 logger=self._log,
                 reopen_logs=self._reopen_logs,
+                max_requests=limit,
             )
             worker._install_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            if self._hooks.after_fork is not None:
+                self._hooks.after_fork(worker)  # raising here is a boot failure
             self._target(worker)
+            self._hooks.call("worker_exit", self._log, worker)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -415,9 +445,9 @@ class Master:
                 continue  # not a worker (a hook's subprocess): nothing to do
             view = child.slot.read()
             self._scoreboard.release(child.slot)
-            self._worker_exited(child, status, view.booted)
+            self._worker_exited(child, status, view.booted, view.state is SlotState.STOPPING)
 
-    def _worker_exited(self, child: _Child, status: int, booted: bool) -> None:
+    def _worker_exited(self, child: _Child, status: int, booted: bool, retired: bool) -> None:
         now = time.monotonic()
         lifetime = now - child.spawned_at
         how = describe_exit(status)
@@ -429,7 +459,11 @@ class Master:
             self._log.info("master: %s %s", name, how)
             return
         signaled = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _EXTERNAL_KILLS
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if clean and retired:
+            self._log.info("master: %s retired (max_requests); replacing it", name)
+            return
+        if clean:
             self._log.warning("master: %s returned from its work function", name)
         else:
             self._log.error("master: %s %s", name, how)
@@ -437,6 +471,19 @@ class Master:
             return  # somebody killed it: replace it at once
         if not booted and os.WIFEXITED(status):
             self._boot_failures += 1
+            if self._boot_failures >= self._max_boot_failures and self._old_generation_serves():
+                self._log.error(
+                    "master: reload failed: %d new workers in a row exited before their "
+                    "first heartbeat (last: %s); the previous generation keeps serving",
+                    self._boot_failures, how,
+                )  # fmt: skip
+                self._generation = max(
+                    c.generation
+                    for c in self._children.values()
+                    if c.generation < self._generation and not c.retiring
+                )
+                self._boot_failures = 0
+                return
             if self._boot_failures >= self._max_boot_failures:
                 self._fatal = (
                     f"{self._boot_failures} workers in a row exited before their first "
@@ -454,16 +501,22 @@ class Master:
                 "master: %s lived %.2fs; respawning in %.2fs", name, lifetime, self._backoff
             )
 
+    def _old_generation_serves(self) -> bool:
+        return any(
+            c.generation < self._generation and not c.retiring for c in self._children.values()
+        )
+
     def _maintain_worker_count(self, now: float) -> None:
         serving = [c for c in self._children.values() if not c.retiring]
         for child in serving:
             if child.number >= self._wanted:
                 self._retire(child, now)
-        # After a reload, an old worker leaves once its successor has booted.
+        # After a reload, an old worker leaves once its successor has booted (and after a
+        # failed reload, the new workers leave the old ones their places back).
         current = {c.number: c for c in serving if c.generation == self._generation}
         for child in serving:
             successor = current.get(child.number)
-            if child.generation < self._generation and successor is not None:
+            if child.generation != self._generation and successor is not None:
                 if successor.slot.read().booted:
                     self._retire(child, now)
         if now < self._next_spawn_at:
@@ -487,6 +540,7 @@ class Master:
         beats = {pid: c.slot.last_beat() for pid, c in self._children.items() if c.killed is None}
         for pid in overdue(beats, now, self._timeout, self._excused_since):
             child = self._children[pid]
+            self._hooks.call("on_worker_timeout", self._log, child.number, pid)
             child.killed = f"timeout (no heartbeat for {now - beats[pid]:.1f}s)"
             self._log.error(
                 "master: worker[%d] (pid %d) missed its heartbeat for %.1fs "

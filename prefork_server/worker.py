@@ -45,6 +45,7 @@ class Worker:
     Methods for the caller:
 
     - :meth:`wants_me_alive` -- heartbeat and stop check; call it at least every ``timeout``.
+    - :meth:`heartbeat` -- the same without counting a unit of work.
     - :meth:`busy` / :meth:`idle` -- bracket one unit of work (a connection) so the
       scoreboard shows what the worker does; both also count as a heartbeat.
     - :attr:`wakeup_fds` -- descriptors to include in a ``select()`` so that a stop request
@@ -66,6 +67,7 @@ class Worker:
         timeout: float,
         logger: logging.Logger,
         reopen_logs: Callable[[], None] | None = None,
+        max_requests: int = 0,
     ) -> None:
         self.number = number
         self.generation = generation
@@ -81,6 +83,9 @@ class Worker:
         self._next_parent_check = 0.0
         self._signal_r = -1
         self._signal_w = -1
+        self.max_requests = max_requests  # 0: no limit
+        self.served = 0  # units of work done, as counted for max_requests
+        self._brackets = False  # True once busy()/idle() count the units
 
     # -- for the work function ----------------------------------------------------------
 
@@ -103,9 +108,19 @@ class Worker:
     def wants_me_alive(self) -> bool:
         """Stamp the heartbeat; return False once the worker should leave its loop.
 
+        Each call after the first counts one unit of work (for ``max_requests`` and the
+        scoreboard), unless the worker brackets its units with :meth:`busy`/:meth:`idle`.
         Costs no system call on the common path (a shared-memory write), except a
         zero-timeout ``select`` on the master-death pipe at most twice a second.
         """
+        if self._booted and not self._brackets:
+            self._slot.idle(time.monotonic())
+            self._count_unit()
+        return self.heartbeat()
+
+    def heartbeat(self) -> bool:
+        """Stamp the heartbeat and return what :meth:`wants_me_alive` would, without
+        counting a unit of work: for loops that wake up with nothing to do."""
         now = time.monotonic()
         if not self._booted:
             self._booted = True
@@ -126,12 +141,25 @@ class Worker:
         return self._alive
 
     def busy(self) -> None:
-        """Mark the start of a unit of work (counts as a heartbeat)."""
+        """Mark the start of a unit of work (counts as a heartbeat).
+
+        Once a worker uses busy()/idle(), only idle() counts units of work for
+        ``max_requests``; otherwise each wants_me_alive() after the first counts one.
+        """
+        self._brackets = True
         self._slot.busy(time.monotonic())
 
     def idle(self) -> None:
         """Mark the end of a unit of work: heartbeat, and one more unit served."""
         self._slot.idle(time.monotonic())
+        self._count_unit()
+
+    def _count_unit(self) -> None:
+        self.served += 1
+        if self.max_requests and self.served >= self.max_requests and self._alive:
+            self.logger.info("worker[%d] served %d units of work (max_requests); retiring",
+                             self.number, self.served)  # fmt: skip
+            self.stop()
 
     def stop(self) -> None:
         """Make the next :meth:`wants_me_alive` return False (as SIGQUIT does)."""

@@ -358,3 +358,15 @@ def test_usr1_reopens_stdout_after_a_rotation(start, tmp_path: Path) -> None:
     proc.signal(signal.SIGQUIT)
     assert proc.wait() == 0
     assert "stopped" in out_path.read_text()
+
+
+def test_process_titles_name_the_role(start) -> None:
+    proc, ev = start("--workers", "2", "--app-name", "t")
+    workers = booted(proc, ev, 2)
+
+    def title(pid: int) -> str:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        return Path(f"/proc/{pid}/comm").read_text().strip() + " | " + cmdline
+
+    assert "t master" in title(proc.pid)
+    assert sorted(re.search(r"t worker\[(\d)\]", title(p)).group(1) for p in workers) == ["0", "1"]

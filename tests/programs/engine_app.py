@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument(
         "--mode",
         default="loop",
-        choices=["loop", "return", "raise", "bootfail", "stuck-once", "print"],
+        choices=["loop", "return", "raise", "bootfail", "stuck-once", "print", "tick"],
     )
     p.add_argument("--daemon", action="store_true")
     p.add_argument("--pid-file")
@@ -35,11 +35,30 @@ def main() -> None:
     p.add_argument("--stderr")
     p.add_argument("--app-name", default="enginetest")
     p.add_argument("--max-boot-failures", type=int, default=5)
+    p.add_argument("--max-requests", type=int, default=0)
+    p.add_argument("--max-requests-jitter", type=int, default=0)
+    p.add_argument("--graceful-term", action="store_true")
+    p.add_argument("--user")
+    p.add_argument("--hooks", action="store_true", help="record every hook call")
+    p.add_argument("--failing-hook", help="this hook raises")
+    p.add_argument("--fail-boot-if", help="workers fail to boot while this file exists")
     a = p.parse_args()
+
+    def hook(name: str):  # noqa: ANN202
+        def call(*args: object) -> None:
+            shown = [getattr(x, "number", x) for x in args]  # a Worker shows as its number
+            record(a.events, f"hook {name} {' '.join(map(str, shown))}".strip())
+            if name == a.failing_hook:
+                raise RuntimeError(f"{name} hook failed on purpose")
+
+        return call
+
+    hook_names = ["before_fork", "after_fork", "worker_exit", "on_worker_timeout", "on_reload"]
+    hooks = {name: hook(name) for name in hook_names} if a.hooks else {}
 
     def work(master):  # noqa: ANN001 - the seed's name for the worker handle
         record(a.events, "boot")
-        if a.mode == "bootfail":
+        if a.mode == "bootfail" or (a.fail_boot_if and os.path.exists(a.fail_boot_if)):
             raise RuntimeError("cannot boot")
         if a.mode == "stuck-once":
             try:  # the first worker to get here hangs without a heartbeat, the rest work
@@ -55,6 +74,8 @@ def main() -> None:
                 return
             if a.mode == "raise":
                 raise ValueError("boom in the work function")
+            if a.mode == "tick":
+                print(f"tick from {os.getpid()}", flush=True)
             if a.mode == "print":
                 print(f"stdout from {os.getpid()}", flush=True)
                 print(f"stderr from {os.getpid()}", file=sys.stderr, flush=True)
@@ -62,6 +83,7 @@ def main() -> None:
                 a.mode = "loop"
             time.sleep(0.02)
         record(a.events, "after-loop")
+        record(a.events, f"served {master.served}")
 
     engine = Preforker(
         work,
@@ -73,6 +95,11 @@ def main() -> None:
         stdout_path=a.stdout,
         stderr_path=a.stderr,
         max_boot_failures=a.max_boot_failures,
+        max_requests=a.max_requests,
+        max_requests_jitter=a.max_requests_jitter,
+        graceful_term=a.graceful_term,
+        user=a.user,
+        **hooks,
     )
     if a.daemon:
         print(f"DAEMON={engine.start()}", flush=True)
