@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TypeVar
 
+from . import systemd
 from .daemon import set_process_title
 from .hooks import Hooks
 from .scoreboard import Scoreboard, Slot, SlotState
@@ -241,7 +242,8 @@ class Master:
         self._backoff = 0.0
         self._boot_failures = 0
         self._fatal: str | None = None
-        self._ready_pending = on_ready is not None
+        # Until every wanted worker has booted (at start, and again after a reload).
+        self._ready_pending = True
         self._pid = os.getpid()
         self._saved_handlers: dict[int, object] = {}
         self._saved_wakeup_fd: int | None = None
@@ -370,6 +372,8 @@ class Master:
             return
         self._generation += 1
         self._boot_failures = 0
+        self._ready_pending = True
+        systemd.notify("RELOADING=1")
 
     def _spawn(self, number: int, now: float) -> None:
         self._hooks.call("before_fork", self._log, number)
@@ -558,6 +562,7 @@ class Master:
             return  # already the strongest stop
         self._stopping = how
         self._ready_pending = False
+        systemd.notify("STOPPING=1")
         for child in self._children.values():
             if how is Action.IMMEDIATE_STOP:
                 child.retiring = True
@@ -587,13 +592,19 @@ class Master:
             self._signal(child, signal.SIGUSR1)
 
     def _check_ready(self) -> None:
+        """Ready: every wanted worker is of the current generation and has booted."""
         if not self._ready_pending:
             return
-        booted = sum(1 for c in self._children.values() if c.slot.read().booted)
-        if booted >= self._wanted:
-            self._ready_pending = False
-            assert self._on_ready is not None
+        current = [c for c in self._children.values() if not c.retiring]
+        if any(c.generation != self._generation for c in current):
+            return
+        if sum(1 for c in current if c.slot.read().booted) < self._wanted:
+            return
+        self._ready_pending = False
+        systemd.notify("READY=1", f"MAINPID={self._pid}")
+        if self._on_ready is not None:
             self._on_ready()
+            self._on_ready = None  # the launcher hears about the first start only
 
     # -- sleeping -----------------------------------------------------------------------
 
