@@ -377,7 +377,7 @@ class Master:
 
     def _spawn(self, number: int, now: float) -> None:
         self._hooks.call("before_fork", self._log, number)
-        slot = self._scoreboard.allocate(0, self._generation, now)
+        slot = self._scoreboard.allocate(0, self._generation, now, number)
         handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
         # Block our signals across fork so that the child cannot run the master's handlers
         # before it installs its own; whatever arrives meanwhile stays pending, not lost.
@@ -403,8 +403,9 @@ class Master:
         try:
             set_process_title(f"{self._app_name} worker[{number}]")
             signal.set_wakeup_fd(-1)
-            for fd in (self._wake_r, self._wake_w, self._death_w):
-                os.close(fd)
+            for fd in (self._wake_r, self._wake_w, self._death_w, self._scoreboard.fd):
+                if fd >= 0:  # the scoreboard's mapping outlives its descriptor
+                    os.close(fd)
             self._queue.clear()
             limit = self._max_requests
             if limit:

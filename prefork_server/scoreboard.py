@@ -6,21 +6,27 @@ on Linux, not a syscall) into its slot with ``struct.pack_into``; the master rea
 when it decides who is overdue. Every field is 8-byte aligned, so a reader never sees a
 torn value on the platforms we run on.
 
-The memory is an anonymous shared ``mmap`` made by the master *before* it forks the worker
-that will own the slot, so the child inherits the mapping. Slots live in fixed-size
-segments; when all are taken the master maps another segment, so the worker count can grow
-(TTIN, adaptive pools) without remapping memory a running worker already uses.
+The memory is a shared ``mmap`` made by the master *before* it forks the worker that will
+own the slot, so the child inherits the mapping. Slots live in fixed-size segments; when
+all are taken the master maps another segment, so the worker count can grow (TTIN,
+adaptive pools) without remapping memory a running worker already uses.
+
+On Linux the segments are pages of a ``memfd`` (a file with no name on any filesystem),
+so ``prefork-server status`` can read the table of a running master through
+``/proc/<pid>/fd`` without disturbing it, and nothing is left on disk when the master
+dies. Elsewhere the segments are anonymous memory and only the master can read them.
 """
 
 from __future__ import annotations
 
 import enum
 import mmap
+import os
 import struct
 import time
 from dataclasses import dataclass
 
-__all__ = ["Scoreboard", "Slot", "SlotState", "SlotView"]
+__all__ = ["Scoreboard", "Slot", "SlotState", "SlotView", "read_scoreboard"]
 
 
 class SlotState(enum.IntEnum):
@@ -33,8 +39,8 @@ class SlotState(enum.IntEnum):
     STOPPING = 4  # asked to stop gracefully
 
 
-# pid, generation, state, booted, (pad), served, beat, busy_since, spawned_at
-_LAYOUT = struct.Struct("<iIBBxxxxxxQddd")
+# pid, generation, state, booted, number, (pad), served, beat, busy_since, spawned_at
+_LAYOUT = struct.Struct("<iIBBHxxxxQddd")
 _BEAT = struct.Struct("<d")
 _STATE = struct.Struct("<B")
 _SERVED = struct.Struct("<Q")
@@ -46,6 +52,8 @@ _BUSY_SINCE_OFFSET = 32
 
 SLOT_SIZE = 64
 SLOTS_PER_SEGMENT = mmap.PAGESIZE // SLOT_SIZE
+SEGMENT_SIZE = SLOTS_PER_SEGMENT * SLOT_SIZE
+MEMFD_NAME = "prefork_server-scoreboard"
 assert _LAYOUT.size <= SLOT_SIZE
 
 
@@ -57,6 +65,7 @@ class SlotView:
     generation: int
     state: SlotState
     booted: bool
+    number: int
     served: int
     beat: float
     busy_since: float
@@ -76,18 +85,19 @@ class Slot:
         self._offset = offset
         self.index = index
 
-    def reset(self, pid: int, generation: int, now: float) -> None:
+    def reset(self, pid: int, generation: int, now: float, number: int = 0) -> None:
         """Claim the slot for a newly forked worker (called by the master)."""
         # The spawn time counts as the first beat, so a worker is given a full timeout to boot.
         _LAYOUT.pack_into(
-            self._mem, self._offset, pid, generation, SlotState.BOOTING, 0, 0, now, 0.0, now
-        )
+            self._mem, self._offset, pid, generation, SlotState.BOOTING, 0, number, 0, now, 0.0,
+            now,
+        )  # fmt: skip
 
     def set_pid(self, pid: int) -> None:
         struct.pack_into("<i", self._mem, self._offset, pid)
 
     def clear(self) -> None:
-        _LAYOUT.pack_into(self._mem, self._offset, 0, 0, SlotState.FREE, 0, 0, 0.0, 0.0, 0.0)
+        _LAYOUT.pack_into(self._mem, self._offset, 0, 0, SlotState.FREE, 0, 0, 0, 0.0, 0.0, 0.0)
 
     def beat(self, now: float) -> None:
         _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
@@ -116,10 +126,16 @@ class Slot:
         return float(_BEAT.unpack_from(self._mem, self._offset + _BEAT_OFFSET)[0])
 
     def read(self) -> SlotView:
-        pid, gen, state, booted, served, beat, busy_since, spawned = _LAYOUT.unpack_from(
-            self._mem, self._offset
-        )
-        return SlotView(pid, gen, SlotState(state), bool(booted), served, beat, busy_since, spawned)
+        return _view(self._mem, self._offset)
+
+
+def _view(buffer: bytes | mmap.mmap, offset: int) -> SlotView:
+    pid, gen, state, booted, number, served, beat, busy_since, spawned = _LAYOUT.unpack_from(
+        buffer, offset
+    )
+    return SlotView(
+        pid, gen, SlotState(state), bool(booted), number, served, beat, busy_since, spawned
+    )
 
 
 class Scoreboard:
@@ -129,14 +145,22 @@ class Scoreboard:
         self._segments: list[mmap.mmap] = []
         self._free: list[int] = []
         self._slots: list[Slot] = []
+        self.fd = -1  # the memfd behind the slots, or -1 for anonymous memory
+        if hasattr(os, "memfd_create"):
+            try:
+                self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+            except OSError:  # an old kernel, or a sandbox that forbids it
+                self.fd = -1
 
-    def allocate(self, pid: int, generation: int, now: float | None = None) -> Slot:
+    def allocate(
+        self, pid: int, generation: int, now: float | None = None, number: int = 0
+    ) -> Slot:
         """Return a free slot, already reset for a worker that is about to be forked."""
         if not self._free:
             self._grow()
         index = self._free.pop()
         slot = self._slots[index]
-        slot.reset(pid, generation, time.monotonic() if now is None else now)
+        slot.reset(pid, generation, time.monotonic() if now is None else now, number)
         return slot
 
     def release(self, slot: Slot) -> None:
@@ -153,12 +177,44 @@ class Scoreboard:
         self._segments.clear()
         self._slots.clear()
         self._free.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _grow(self) -> None:
-        mem = mmap.mmap(-1, SLOTS_PER_SEGMENT * SLOT_SIZE, flags=mmap.MAP_SHARED)
+        if self.fd >= 0:
+            offset = len(self._segments) * SEGMENT_SIZE
+            os.ftruncate(self.fd, offset + SEGMENT_SIZE)
+            mem = mmap.mmap(self.fd, SEGMENT_SIZE, flags=mmap.MAP_SHARED, offset=offset)
+        else:
+            mem = mmap.mmap(-1, SEGMENT_SIZE, flags=mmap.MAP_SHARED)
         self._segments.append(mem)
         base = len(self._slots)
         for i in range(SLOTS_PER_SEGMENT):
             self._slots.append(Slot(mem, i * SLOT_SIZE, base + i))
         # Hand out low indexes first so that a small pool stays in the first segment.
         self._free.extend(reversed(range(base, base + SLOTS_PER_SEGMENT)))
+
+
+def read_scoreboard(master_pid: int) -> list[SlotView]:
+    """The live slots of a running master, read through ``/proc/<pid>/fd``.
+
+    Needs the master's user or root. Raises ``ProcessLookupError`` if there is no such
+    process and ``FileNotFoundError`` if it has no scoreboard we can read.
+    """
+    fd_dir = f"/proc/{master_pid}/fd"
+    try:
+        entries = os.listdir(fd_dir)
+    except FileNotFoundError:
+        raise ProcessLookupError(f"no process {master_pid}") from None
+    for entry in entries:
+        try:
+            target = os.readlink(f"{fd_dir}/{entry}")
+        except OSError:
+            continue
+        if target.startswith(f"/memfd:{MEMFD_NAME}"):
+            with open(f"{fd_dir}/{entry}", "rb") as f:
+                data = f.read()
+            views = (_view(data, off) for off in range(0, len(data) - SLOT_SIZE + 1, SLOT_SIZE))
+            return [v for v in views if v.pid and v.state is not SlotState.FREE]
+    raise FileNotFoundError(f"process {master_pid} has no prefork_server scoreboard")
