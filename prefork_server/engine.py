@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from .daemon import (
 )
 from .hooks import Hooks
 from .master import Master
+from .sockets import started_by_upgrade
+from .upgrade import Upgrader
 from .worker import Worker
 
 __all__ = ["Options", "Preforker", "default_logger"]
@@ -83,6 +86,7 @@ class Options:
     user: str | int | None = None
     group: str | int | None = None
     hooks: Hooks = Hooks()
+    listeners: tuple[socket.socket, ...] = ()
 
     def __post_init__(self) -> None:
         _check_number("workers", self.workers, minimum=0, integer=True)
@@ -105,6 +109,8 @@ class Options:
         if not isinstance(self.graceful_term, bool):
             raise ValueError(f"graceful_term must be True or False, not {self.graceful_term!r}")
         resolve_user(self.user, self.group)  # a name that names nobody fails now
+        if not all(isinstance(s, socket.socket) for s in self.listeners):
+            raise ValueError(f"listeners must be sockets, not {self.listeners!r}")
         if not isinstance(self.hooks, Hooks):
             raise ValueError(f"hooks must be a prefork_server.Hooks, not {self.hooks!r}")
 
@@ -193,7 +199,9 @@ class Preforker:
         pid_path = os.path.abspath(opts.pid_path or f"{opts.app_name}.pid")
         log_path = os.path.abspath(f"{opts.app_name}.log")
         PidFile(pid_path).check()  # fail here, in the caller, when we can
-        daemon = Daemon.spawn()
+        # A master exec'd by an upgrade is detached already (its parent is the old daemon),
+        # and no launcher waits for it: it must not fork away from the old master.
+        daemon = None if started_by_upgrade() else Daemon.spawn()
         if daemon is not None:
             try:
                 return daemon.wait()
@@ -258,6 +266,7 @@ class Preforker:
         pid_file = PidFile(pid_path) if pid_path else None
         if pid_file is not None:
             pid_file.write()
+        upgrader = Upgrader(opts.listeners, pid_file, logger)
         master = Master(
             self.work,
             workers=opts.workers,
@@ -270,6 +279,7 @@ class Preforker:
             max_requests_jitter=opts.max_requests_jitter,
             graceful_term=opts.graceful_term,
             hooks=self._worker_hooks(),
+            upgrader=upgrader,
             reopen_logs=reopen_logs,
             on_ready=on_ready,
         )

@@ -40,6 +40,7 @@ from . import systemd
 from .daemon import set_process_title
 from .hooks import Hooks
 from .scoreboard import Scoreboard, Slot, SlotState
+from .upgrade import Upgrader
 from .worker import Worker
 
 __all__ = [
@@ -210,11 +211,13 @@ class Master:
         max_requests_jitter: int = 0,
         graceful_term: bool = False,
         hooks: Hooks | None = None,
+        upgrader: Upgrader | None = None,
         reopen_logs: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._target = target
         self._wanted = workers
+        self._configured = workers  # what HUP goes back to (after WINCH, TTIN, TTOU)
         self._timeout = timeout
         self._graceful_timeout = graceful_timeout
         self._log = logger
@@ -224,6 +227,8 @@ class Master:
         self._max_requests_jitter = max_requests_jitter
         self._graceful_term = graceful_term
         self._hooks = hooks or Hooks()
+        self._upgrader = upgrader
+        self._new_master: int | None = None
         self._reopen_logs = reopen_logs
         self._on_ready = on_ready
 
@@ -279,6 +284,8 @@ class Master:
                     self._check_ready()
                 self._sleep(now)
         finally:
+            if self._upgrader is not None:
+                self._upgrader.finish()
             self._kill_leftovers()
             self._restore_signals()
             self._scoreboard.close()
@@ -358,7 +365,7 @@ class Master:
         elif action is Action.RELOAD:
             self._reload()
         elif action is Action.UPGRADE:
-            self._log.warning("master: re-exec upgrade (SIGUSR2) is not supported yet; ignored")
+            self._upgrade()
         elif action is Action.RESUMED:
             self._excuse(now, "was continued (SIGCONT)")
         elif action is Action.IGNORE:
@@ -371,9 +378,22 @@ class Master:
             self._log.error("master: reload abandoned; the current workers keep serving")
             return
         self._generation += 1
+        self._wanted = self._configured
         self._boot_failures = 0
         self._ready_pending = True
         systemd.notify("RELOADING=1")
+
+    def _upgrade(self) -> None:
+        if self._upgrader is None:
+            self._log.warning("master: this server cannot re-exec itself; USR2 ignored")
+        elif self._new_master is not None:
+            self._log.warning("master: upgrade already under way (new master %d)",
+                              self._new_master)  # fmt: skip
+        else:
+            try:
+                self._new_master = self._upgrader.start()
+            except OSError as e:
+                self._log.error("master: cannot start a new master: %s", e)
 
     def _spawn(self, number: int, now: float) -> None:
         self._hooks.call("before_fork", self._log, number)
@@ -447,7 +467,10 @@ class Master:
                 return
             child = self._children.pop(pid, None)
             if child is None:
-                continue  # not a worker (a hook's subprocess): nothing to do
+                if pid == self._new_master and self._upgrader is not None:
+                    self._new_master = None
+                    self._upgrader.new_master_exited(pid, describe_exit(status))
+                continue  # otherwise not ours to care about (a hook's subprocess)
             view = child.slot.read()
             self._scoreboard.release(child.slot)
             self._worker_exited(child, status, view.booted, view.state is SlotState.STOPPING)
@@ -563,7 +586,8 @@ class Master:
             return  # already the strongest stop
         self._stopping = how
         self._ready_pending = False
-        systemd.notify("STOPPING=1")
+        if self._new_master is None:  # after an upgrade, the service is not stopping
+            systemd.notify("STOPPING=1")
         for child in self._children.values():
             if how is Action.IMMEDIATE_STOP:
                 child.retiring = True

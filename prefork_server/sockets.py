@@ -9,7 +9,14 @@ import socket
 import stat
 from dataclasses import dataclass
 
-__all__ = ["BindAddress", "parse_bind", "clear_stale_unix_socket"]
+__all__ = [
+    "BindAddress",
+    "clear_stale_unix_socket",
+    "inherited_sockets",
+    "parse_bind",
+    "started_by_upgrade",
+    "take_inherited_socket",
+]
 
 
 @dataclass(frozen=True)
@@ -81,3 +88,96 @@ def clear_stale_unix_socket(path: str) -> None:
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, "a running server is listening on this socket", path)
+
+
+# -- sockets handed to us by a previous master (USR2) or by systemd ------------------------
+
+
+class _Inherited:
+    """The listening descriptors this process was started with, read once."""
+
+    def __init__(self) -> None:
+        self.loaded = False
+        self.fds: list[int] = []
+        self.from_upgrade = False
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        from .systemd import listen_fds
+        from .upgrade import FDS_ENV, FDS_PID_ENV
+
+        names = os.environ.pop(FDS_ENV, "")
+        owner = os.environ.pop(FDS_PID_ENV, "")
+        if names and owner == str(os.getpid()):
+            self.fds = [int(n) for n in names.split(",") if n.strip().isdigit()]
+            self.from_upgrade = True
+            for fd in self.fds:
+                os.set_inheritable(fd, False)
+        systemd_fds = listen_fds()
+        self.fds += [fd for fd in systemd_fds if fd not in self.fds]
+
+
+_inherited = _Inherited()
+
+
+def started_by_upgrade() -> bool:
+    """True in a master that a previous master exec'd for a zero-downtime upgrade."""
+    _inherited.load()
+    return _inherited.from_upgrade
+
+
+def take_inherited_socket(
+    family: int, type: int, address: object | None = None
+) -> socket.socket | None:
+    """Claim an inherited listening socket of this family and type, or None.
+
+    With an ``address``, only a socket bound there matches, except that port 0 (any
+    port) matches any port. A claimed socket is not offered again.
+    """
+    _inherited.load()
+    for fd in list(_inherited.fds):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            _inherited.fds.remove(fd)
+            continue
+        if (
+            sock.family == family
+            and sock.type == type
+            and _same_address(family, sock.getsockname(), address)
+        ):
+            _inherited.fds.remove(fd)
+            return sock
+        sock.detach()  # not ours to close: another server may claim it
+    return None
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """Claim every inherited socket not claimed yet (for ``Preforker`` users who bind
+    their own sockets: check this first, and bind only if it is empty)."""
+    _inherited.load()
+    socks = []
+    for fd in _inherited.fds:
+        with contextlib.suppress(OSError):
+            socks.append(socket.socket(fileno=fd))
+    _inherited.fds.clear()
+    return socks
+
+
+def _same_address(family: int, bound: object, wanted: object | None) -> bool:
+    if wanted is None:
+        return True
+    if family == socket.AF_UNIX:
+        return os.fsdecode(bound) == os.fsdecode(wanted)  # type: ignore[arg-type]
+    if not isinstance(bound, tuple) or not isinstance(wanted, tuple):
+        return False
+    host, port = wanted[0], wanted[1]
+    if port not in (0, bound[1]):
+        return False
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host, None, family)}
+    except OSError:
+        return False
+    return bound[0] in resolved or host in ("", "0.0.0.0", "::") and bound[0] in ("0.0.0.0", "::")

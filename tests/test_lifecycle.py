@@ -184,3 +184,51 @@ def test_workers_drop_to_the_configured_user(spawn) -> None:
         assert ids(proc.pid) == (0, 0), "the master keeps its privileges"
         proc.signal(signal.SIGQUIT)
         assert proc.wait() == 0
+
+
+def test_usr2_execs_a_new_master_and_quit_of_the_old_hands_over(
+    start, spawn, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    oldbin = tmp_path / "app.pid.oldbin"
+    old, ev = start("--workers", "2", "--pid-file", str(pid_file))
+    old_workers = booted(old, ev, 2)
+    old.signal(signal.SIGUSR2)
+    new_pid = wait_for(lambda: (lambda p: p if p and p != old.pid else None)(_pid(pid_file)),
+                       what="the new master's pid file")  # fmt: skip
+    spawn.track(new_pid)  # it outlives the old master: the fixture must still reap it
+    assert _pid(oldbin) == old.pid
+    new_workers = wait_workers(new_pid, 2)
+    assert new_pid in children(old.pid), "the new master is the old one's child"
+    old.signal(signal.SIGWINCH)
+    wait_for(lambda: not any(is_alive(p) for p in old_workers), what="old workers to leave")
+    old.signal(signal.SIGQUIT)
+    assert old.wait() == 0
+    assert not oldbin.exists()
+    assert _pid(pid_file) == new_pid
+    assert children(new_pid) == new_workers
+    os.kill(new_pid, signal.SIGQUIT)
+    wait_for(lambda: not is_alive(new_pid), what="the new master to stop")
+    assert not pid_file.exists()
+
+
+def test_a_new_master_that_dies_gives_the_pid_file_back(start, spawn, tmp_path: Path) -> None:
+    pid_file = tmp_path / "app.pid"
+    old, ev = start("--workers", "1", "--pid-file", str(pid_file))
+    booted(old, ev, 1)
+    old.signal(signal.SIGUSR2)
+    new_pid = wait_for(lambda: (lambda p: p if p and p != old.pid else None)(_pid(pid_file)),
+                       what="the new master's pid file")  # fmt: skip
+    spawn.track(new_pid)
+    os.kill(new_pid, signal.SIGKILL)
+    old.wait_output(f"new master {new_pid} killed by SIGKILL")
+    wait_for(lambda: _pid(pid_file) == old.pid, what="the pid file to come back")
+    assert not (tmp_path / "app.pid.oldbin").exists()
+    assert len(children(old.pid)) == 1
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
