@@ -40,7 +40,7 @@ from .daemon import (
     resolve_user,
 )
 from .hooks import Hooks
-from .master import Master
+from .master import Master, SparePolicy
 from .sockets import started_by_upgrade
 from .upgrade import Upgrader
 from .worker import Worker
@@ -87,6 +87,21 @@ class Options:
     group: str | int | None = None
     hooks: Hooks = Hooks()
     listeners: tuple[socket.socket, ...] = ()
+    min_spare_workers: int = 0  # 0: a fixed pool of `workers`
+    max_spare_workers: int | None = None  # default: twice min_spare_workers
+    max_workers: int | None = None  # default: four times workers
+
+    def spare_policy(self) -> SparePolicy | None:
+        """The adaptive pool's policy, or None for a fixed count."""
+        if not self.min_spare_workers:
+            return None
+        max_spare = self.max_spare_workers
+        if max_spare is None:
+            max_spare = 2 * self.min_spare_workers
+        max_workers = self.max_workers
+        if max_workers is None:
+            max_workers = max(4 * self.workers, self.min_spare_workers)
+        return SparePolicy(self.min_spare_workers, max_spare, self.workers, max_workers)
 
     def __post_init__(self) -> None:
         _check_number("workers", self.workers, minimum=0, integer=True)
@@ -109,6 +124,13 @@ class Options:
         if not isinstance(self.graceful_term, bool):
             raise ValueError(f"graceful_term must be True or False, not {self.graceful_term!r}")
         resolve_user(self.user, self.group)  # a name that names nobody fails now
+        _check_number("min_spare_workers", self.min_spare_workers, minimum=0, integer=True)
+        if self.max_spare_workers is not None:
+            _check_number("max_spare_workers", self.max_spare_workers,
+                          minimum=max(1, self.min_spare_workers), integer=True)  # fmt: skip
+        if self.max_workers is not None:
+            _check_number("max_workers", self.max_workers, minimum=max(1, self.workers),
+                          integer=True)  # fmt: skip
         if not all(isinstance(s, socket.socket) for s in self.listeners):
             raise ValueError(f"listeners must be sockets, not {self.listeners!r}")
         if not isinstance(self.hooks, Hooks):
@@ -280,6 +302,7 @@ class Preforker:
             graceful_term=opts.graceful_term,
             hooks=self._worker_hooks(),
             upgrader=upgrader,
+            spare_policy=opts.spare_policy(),
             reopen_logs=reopen_logs,
             on_ready=on_ready,
         )

@@ -47,6 +47,8 @@ __all__ = [
     "Action",
     "BootError",
     "Master",
+    "SparePolicy",
+    "adaptive_target",
     "describe_exit",
     "next_deadline",
     "overdue",
@@ -132,6 +134,34 @@ def next_deadline(
     return min((max(b, excused_since) + timeout for b in beats), default=None)
 
 
+@dataclass(frozen=True)
+class SparePolicy:
+    """Apache-prefork-style adaptive pool: keep between ``min_spare`` and ``max_spare``
+    idle workers, with never fewer than ``min_workers`` nor more than ``max_workers``."""
+
+    min_spare: int
+    max_spare: int
+    min_workers: int
+    max_workers: int
+
+    #: How often the master looks at the idle count (seconds).
+    interval: float = 0.5
+
+
+def adaptive_target(total: int, spare: int, policy: SparePolicy) -> int:
+    """How many workers to want, given ``total`` wanted now of which ``spare`` are idle
+    (or booting, or not yet forked).
+
+    Too few spare: add the shortfall at once (a burst of load should not wait a second per
+    worker). Too many: retire one per look, so a short lull does not empty the pool.
+    """
+    if spare < policy.min_spare:
+        return min(policy.max_workers, total + policy.min_spare - spare)
+    if spare > policy.max_spare:
+        return max(policy.min_workers, total - 1)
+    return max(policy.min_workers, min(policy.max_workers, total))
+
+
 def respawn_delay(previous: float, lifetime: float) -> float:
     """How long to wait before respawning a worker that lived ``lifetime`` seconds.
 
@@ -212,6 +242,7 @@ class Master:
         graceful_term: bool = False,
         hooks: Hooks | None = None,
         upgrader: Upgrader | None = None,
+        spare_policy: SparePolicy | None = None,
         reopen_logs: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
@@ -228,6 +259,8 @@ class Master:
         self._graceful_term = graceful_term
         self._hooks = hooks or Hooks()
         self._upgrader = upgrader
+        self._spare_policy = spare_policy
+        self._next_adapt = 0.0
         self._new_master: int | None = None
         self._reopen_logs = reopen_logs
         self._on_ready = on_ready
@@ -280,6 +313,7 @@ class Master:
                 now = time.monotonic()
                 self._enforce_deadlines(now)
                 if self._stopping is None:
+                    self._adapt_worker_count(now)
                     self._maintain_worker_count(now)
                     self._check_ready()
                 self._sleep(now)
@@ -534,6 +568,20 @@ class Master:
             c.generation < self._generation and not c.retiring for c in self._children.values()
         )
 
+    def _adapt_worker_count(self, now: float) -> None:
+        policy = self._spare_policy
+        if policy is None or now < self._next_adapt:
+            return
+        self._next_adapt = now + policy.interval
+        serving = [c for c in self._children.values() if not c.retiring]
+        idle = sum(1 for c in serving if c.slot.read().state in (SlotState.IDLE, SlotState.BOOTING))
+        spare = idle + max(0, self._wanted - len(serving))  # not forked yet: spare soon
+        target = adaptive_target(self._wanted, spare, policy)
+        if target != self._wanted:
+            self._log.info("master: %d of %d workers idle; now %d workers", idle,
+                           len(serving), target)  # fmt: skip
+            self._wanted = target
+
     def _maintain_worker_count(self, now: float) -> None:
         serving = [c for c in self._children.values() if not c.retiring]
         for child in serving:
@@ -647,6 +695,8 @@ class Master:
         )
         if self._stopping is None and self._next_spawn_at > now:
             deadlines.append(self._next_spawn_at)
+        if self._stopping is None and self._spare_policy is not None:
+            deadlines.append(self._next_adapt)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         if self._ready_pending or not self._saved_handlers:
             # Booting workers and (without signals) dying ones do not wake us: look often.

@@ -17,6 +17,8 @@ from prefork_server.master import (
     FIRST_BACKOFF,
     MAX_BACKOFF,
     Action,
+    SparePolicy,
+    adaptive_target,
     describe_exit,
     next_deadline,
     overdue,
@@ -225,3 +227,13 @@ def test_pid_file_write_check_remove(tmp_path) -> None:  # type: ignore[no-untyp
     pid_file.write()
     assert pid_file.remove() is True
     assert not (tmp_path / "x.pid").exists()
+
+
+def test_adaptive_pool_decisions() -> None:
+    policy = SparePolicy(min_spare=2, max_spare=4, min_workers=3, max_workers=10)
+    assert adaptive_target(total=3, spare=3, policy=policy) == 3  # within bounds
+    assert adaptive_target(total=3, spare=0, policy=policy) == 5  # the shortfall at once
+    assert adaptive_target(total=9, spare=0, policy=policy) == 10  # capped
+    assert adaptive_target(total=8, spare=6, policy=policy) == 7  # one at a time
+    assert adaptive_target(total=3, spare=3, policy=policy) == 3
+    assert adaptive_target(total=3, spare=6, policy=policy) == 3  # never below min_workers

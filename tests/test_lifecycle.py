@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,3 +233,20 @@ def _pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def test_the_adaptive_pool_grows_under_load_and_shrinks_when_idle(start, tmp_path: Path) -> None:
+    load = tmp_path / "load"
+    proc, ev = start("--workers", "2", "--min-spare", "1", "--max-spare", "2",
+                     "--max-workers", "5", "--busy-if", str(load))  # fmt: skip
+    booted(proc, ev, 2)
+    load.write_text("every worker is busy now")
+    wait_workers(proc.pid, 5)
+    until = time.monotonic() + 1.5  # three more looks: it stays at max_workers
+    while time.monotonic() < until:
+        assert len(children(proc.pid)) == 5
+        time.sleep(0.05)
+    load.unlink()
+    wait_workers(proc.pid, 2, timeout=15)  # one retired per look, down to `workers`
+    proc.wait_output(r"3 of 3 workers idle; now 2 workers")
+    assert "now 1 workers" not in proc.output()

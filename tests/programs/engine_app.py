@@ -42,6 +42,10 @@ def main() -> None:
     p.add_argument("--hooks", action="store_true", help="record every hook call")
     p.add_argument("--failing-hook", help="this hook raises")
     p.add_argument("--fail-boot-if", help="workers fail to boot while this file exists")
+    p.add_argument("--busy-if", help="workers are busy while this file exists")
+    p.add_argument("--min-spare", type=int, default=0)
+    p.add_argument("--max-spare", type=int)
+    p.add_argument("--max-workers", type=int)
     a = p.parse_args()
 
     def hook(name: str):  # noqa: ANN202
@@ -74,6 +78,11 @@ def main() -> None:
                 return
             if a.mode == "raise":
                 raise ValueError("boom in the work function")
+            if a.busy_if and os.path.exists(a.busy_if):
+                master.busy()
+                time.sleep(0.05)
+                master.idle()
+                continue
             if a.mode == "tick":
                 print(f"tick from {os.getpid()}", flush=True)
             if a.mode == "print":
@@ -99,6 +108,9 @@ def main() -> None:
         max_requests_jitter=a.max_requests_jitter,
         graceful_term=a.graceful_term,
         user=a.user,
+        min_spare_workers=a.min_spare,
+        max_spare_workers=a.max_spare,
+        max_workers=a.max_workers,
         **hooks,
     )
     if a.daemon:
