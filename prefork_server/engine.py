@@ -178,7 +178,14 @@ class Preforker:
     worker retires gracefully after that many units of work) and ``max_requests_jitter``
     (a random 0..jitter added per worker, so they do not all restart at once),
     ``graceful_term`` (False: TERM stops at once; True: TERM stops gracefully, as QUIT),
-    ``user``/``group`` (workers drop to them right after fork, before any work).
+    ``user``/``group`` (workers drop to them right after fork, before any work),
+    ``listeners`` (sockets handed to the new master on a USR2 upgrade).
+
+    Adaptive pool (off by default): with ``min_spare_workers`` > 0 the master looks twice
+    a second at how many workers are idle (from the scoreboard), adds workers when fewer
+    than ``min_spare_workers`` are, and retires one per look while more than
+    ``max_spare_workers`` (default twice the minimum) are, never going below ``workers``
+    nor above ``max_workers`` (default four times ``workers``).
 
     Hooks, as keywords (see :mod:`prefork_server.hooks`): ``before_fork(number)``,
     ``after_fork(worker)``, ``worker_exit(worker)``, ``on_worker_timeout(number, pid)``,

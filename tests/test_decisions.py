@@ -82,7 +82,7 @@ def test_respawn_backoff_doubles_for_crash_loops_and_resets_for_healthy_workers(
         delays.append(delay)
     assert delays[:4] == [FIRST_BACKOFF, 2 * FIRST_BACKOFF, 4 * FIRST_BACKOFF, 8 * FIRST_BACKOFF]
     assert delays[-1] == MAX_BACKOFF
-    assert all(a <= b for a, b in zip(delays, delays[1:]))
+    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False))
     assert respawn_delay(delay, lifetime=CRASH_WINDOW) == 0.0
 
 
