@@ -9,7 +9,9 @@ Where each runs, and what an exception in it does:
 - ``worker_exit(worker)``: in the worker, after the work function returned. Logged.
 - ``on_worker_timeout(number, pid)``: in the master, before a silent worker gets SIGKILL.
   Logged; the kill goes on.
-- ``on_reload()``: in the master, on HUP, before the new generation is forked. If it
+- ``on_reload()``: in the master, on HUP, before the new generation is forked. It may
+  return a mapping of new settings (``workers``, ``timeout``, ``graceful_timeout``,
+  ``max_requests``, ``max_requests_jitter``, ``hooks``) for the master to apply. If it
   raises, the error is logged and the reload is abandoned: the current workers serve on.
 
 A hook that raises never kills the master.

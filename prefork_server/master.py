@@ -408,14 +408,37 @@ class Master:
     # -- workers ------------------------------------------------------------------------
 
     def _reload(self) -> None:
-        if not self._hooks.call("on_reload", self._log):
-            self._log.error("master: reload abandoned; the current workers keep serving")
+        try:
+            changes = self._hooks.on_reload() if self._hooks.on_reload else None
+            if changes:
+                self._reconfigure(changes)
+        except Exception:  # noqa: BLE001 - a bad config must not take the master down
+            self._log.exception("master: reload abandoned; the current workers keep serving")
             return
         self._generation += 1
         self._wanted = self._configured
         self._boot_failures = 0
         self._ready_pending = True
         systemd.notify("RELOADING=1")
+
+    def _reconfigure(self, changes: Mapping[str, object]) -> None:
+        """Apply the settings an ``on_reload`` hook returned (validated by the caller)."""
+        for name, value in changes.items():
+            if name == "workers":
+                self._configured = int(value)  # type: ignore[call-overload]
+            elif name == "timeout":
+                self._timeout = float(value)  # type: ignore[arg-type]
+            elif name == "graceful_timeout":
+                self._graceful_timeout = float(value)  # type: ignore[arg-type]
+            elif name == "max_requests":
+                self._max_requests = int(value)  # type: ignore[call-overload]
+            elif name == "max_requests_jitter":
+                self._max_requests_jitter = int(value)  # type: ignore[call-overload]
+            elif name == "hooks" and isinstance(value, Hooks):
+                self._hooks = value
+            else:
+                raise ValueError(f"{name} cannot change on reload")
+            self._log.info("master: reload sets %s = %r", name, value)
 
     def _upgrade(self) -> None:
         if self._upgrader is None:

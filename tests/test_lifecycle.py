@@ -250,3 +250,19 @@ def test_the_adaptive_pool_grows_under_load_and_shrinks_when_idle(start, tmp_pat
     wait_workers(proc.pid, 2, timeout=15)  # one retired per look, down to `workers`
     proc.wait_output(r"3 of 3 workers idle; now 2 workers")
     assert "now 1 workers" not in proc.output()
+
+
+def test_an_on_reload_hook_can_change_the_worker_count(start, tmp_path: Path) -> None:
+    setting = tmp_path / "workers"
+    proc, ev = start("--workers", "2", "--reload-from", str(setting))
+    old = booted(proc, ev, 2)
+    setting.write_text("3")
+    proc.signal(signal.SIGHUP)
+    new = wait_for(lambda: (lambda c: c if len(c) == 3 and not set(c) & set(old) else None)(
+        children(proc.pid)), what="three new workers")  # fmt: skip
+    assert len(new) == 3
+    assert "reload sets workers = 3" in proc.output()
+    setting.write_text("not a number")
+    proc.signal(signal.SIGHUP)
+    proc.wait_output("reload abandoned")
+    assert children(proc.pid) == new

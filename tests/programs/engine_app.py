@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--failing-hook", help="this hook raises")
     p.add_argument("--fail-boot-if", help="workers fail to boot while this file exists")
     p.add_argument("--busy-if", help="workers are busy while this file exists")
+    p.add_argument("--reload-from", help="on HUP, read the worker count from this file")
     p.add_argument("--min-spare", type=int, default=0)
     p.add_argument("--max-spare", type=int)
     p.add_argument("--max-workers", type=int)
@@ -59,6 +60,13 @@ def main() -> None:
 
     hook_names = ["before_fork", "after_fork", "worker_exit", "on_worker_timeout", "on_reload"]
     hooks = {name: hook(name) for name in hook_names} if a.hooks else {}
+    if a.reload_from:
+
+        def reload_settings() -> dict[str, object]:
+            with open(a.reload_from) as f:
+                return {"workers": int(f.read())}
+
+        hooks["on_reload"] = reload_settings
 
     def work(master):  # noqa: ANN001 - the seed's name for the worker handle
         record(a.events, "boot")
