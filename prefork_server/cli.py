@@ -151,7 +151,8 @@ def serve(
 ) -> int:
     """Bind ``args.bind``, then serve in the foreground or as a daemon. Returns an exit
     status; errors are printed, not raised."""
-    name = args.name or settings.pop("app_name", None) or "prefork_server"
+    default_name = settings.pop("app_name", None)  # always popped: app_name=name below
+    name = args.name or default_name or "prefork_server"
     try:
         address = parse_bind(args.bind)
         logger = _logger(name, args)

@@ -50,7 +50,8 @@ class PreforkMixIn(socketserver.BaseServer):
     Methods that may be overridden, with their ``socketserver`` meaning: ``server_bind``,
     ``server_activate``, ``get_request``, ``verify_request``, ``process_request``,
     ``finish_request``, ``shutdown_request``, ``close_request``, ``handle_error``,
-    ``service_actions`` (called in each worker after every wake-up), ``server_close``.
+    ``service_actions`` (called in each worker after every wake-up), ``server_close``
+    (by the caller, and in each worker as it leaves: ``ThreadingMixIn`` joins its threads).
     Also ``worker_init(worker)``, called in each worker once, before it accepts.
 
     Settings are class attributes a subclass may override, or constructor keywords:
@@ -196,6 +197,9 @@ class PreforkMixIn(socketserver.BaseServer):
                     else:
                         worker.drain_wakeup(key.data)
                 self.service_actions()
+        # As a socketserver does when it is done: ThreadingMixIn waits here for its handler
+        # threads, which a graceful stop must not cut short (os._exit follows).
+        self.server_close()
 
     def _accept_until_empty(self, worker: Worker) -> None:
         while True:
@@ -247,23 +251,30 @@ class PreforkUnixStreamServer(PreforkMixIn, socketserver.UnixStreamServer):
 
     A socket file left by a dead server is removed before binding; a live server's socket
     or a file that is not a socket makes the constructor raise. The master removes the
-    socket file in ``server_close()``.
+    socket file in ``server_close()``. An address in Linux's abstract namespace (starting
+    with a NUL byte) has no file, so none of this applies to it.
     """
 
     request_queue_size = 1024
 
     def server_bind(self) -> None:
-        clear_stale_unix_socket(self._path)
+        if not self._abstract:
+            clear_stale_unix_socket(self._path)
         super().server_bind()
-        self._bound_inode = os.stat(self._path).st_ino
+        if not self._abstract:
+            self._bound_inode = os.stat(self._path).st_ino
 
     @property
     def _path(self) -> str:
         return os.fsdecode(self.server_address)  # type: ignore[arg-type]
 
+    @property
+    def _abstract(self) -> bool:
+        return self._path.startswith("\0")
+
     def server_close(self) -> None:
         super().server_close()
-        if self._serving_pid != os.getpid():
+        if self._serving_pid != os.getpid() or self._abstract:
             return  # a worker or a launcher: the file belongs to the master
         with contextlib.suppress(OSError):
             if os.stat(self._path).st_ino == getattr(self, "_bound_inode", None):

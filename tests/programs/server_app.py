@@ -1,0 +1,164 @@
+"""A PreforkTCPServer / PreforkUnixStreamServer program for the black-box tests.
+
+It binds, prints where it listens (``PORT=N`` or ``PATH=...``), serves until stopped,
+then prints ``DONE children=N`` (N: child processes left, zombies included) and exits 0.
+
+Handlers (``--handler``):
+
+* ``lines``: a plain ``socketserver.StreamRequestHandler`` that echoes every line.
+* ``http``: ``http.server.SimpleHTTPRequestHandler`` serving ``--dir``.
+* ``ctl``: reads one command line and answers it:
+
+  - ``pid``: ``<pid>``
+  - ``raise``: raises RuntimeError (the connection is closed)
+  - ``sleep S N``: ``sleeping <pid>``, sleeps S seconds, ``slept <pid>`` and N bytes "x"
+  - ``stuck``: ``stuck <pid>``, then sleeps without a heartbeat
+  - ``stream``: 64 KiB chunks for as long as the client reads (bounded)
+  - ``shutdown``: calls ``server.shutdown()`` (inside the worker), ``bye <pid>``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import logging
+import os
+import socket
+import socketserver
+import sys
+import threading
+import time
+from pathlib import Path
+
+from prefork_server import PreforkTCPServer, PreforkUnixStreamServer
+
+
+class LineEcho(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class Ctl(socketserver.StreamRequestHandler):
+    def say(self, text: str) -> None:
+        self.wfile.write(f"{text}\n".encode())
+        self.wfile.flush()
+
+    def handle(self) -> None:
+        command, *args = self.rfile.readline().decode().split()
+        pid = os.getpid()
+        if command == "pid":
+            self.say(str(pid))
+        elif command == "raise":
+            raise RuntimeError("boom in the handler")
+        elif command == "sleep":
+            self.say(f"sleeping {pid}")
+            time.sleep(float(args[0]))
+            self.say(f"slept {pid}")
+            self.wfile.write(b"x" * int(args[1]))
+        elif command == "stuck":
+            self.say(f"stuck {pid}")
+            time.sleep(3600)
+        elif command == "stream":
+            chunk = b"y" * 65536
+            for _ in range(16384):  # 1 GiB at most: the client resets long before
+                self.wfile.write(chunk)
+        elif command == "shutdown":
+            self.server.shutdown()
+            self.say(f"bye {pid}")
+        else:
+            self.say(f"unknown {command}")
+
+
+class TCP6Server(PreforkTCPServer):
+    address_family = socket.AF_INET6
+
+
+class HTTPServer(PreforkTCPServer, http.server.HTTPServer):
+    pass
+
+
+class ThreadingServer(socketserver.ThreadingMixIn, PreforkTCPServer):
+    pass
+
+
+def children_left() -> int:
+    """Children of this process, zombies included, found through /proc."""
+    me = os.getpid()
+    count = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(data[data.rindex(")") + 2 :].split()[1]) == me:
+            count += 1
+    return count
+
+
+def ask_pid(server: socketserver.BaseServer) -> str:
+    family = server.socket.family
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(server.server_address)
+        s.sendall(b"pid\n")
+        return s.makefile().readline().strip()
+
+
+def shut_down_after_first_answer(server: socketserver.BaseServer) -> None:
+    """A thread of the master: be the first client, then call shutdown()."""
+    print(f"ANSWERED {ask_pid(server)}", flush=True)
+    server.shutdown()
+    print(f"SHUTDOWN RETURNED children={children_left()}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading"], default="tcp")
+    p.add_argument("--handler", choices=["lines", "ctl", "http"], default="ctl")
+    p.add_argument("--bind", default="127.0.0.1", help="host, or the socket path for unix "
+                   "(@name: in the abstract namespace)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--dir", help="what the http handler serves")
+    p.add_argument("--shutdown-before", action="store_true", help="shutdown() first")
+    p.add_argument("--shutdown-after-first", action="store_true")
+    p.add_argument("--debug", action="store_true", help="log at debug level")
+    a = p.parse_args()
+    if a.debug:  # the server's default logger keeps a level that is already set
+        logging.getLogger("prefork_server.prefork_server").setLevel(logging.DEBUG)
+
+    handler: object = {"lines": LineEcho, "ctl": Ctl}.get(a.handler)
+    if a.handler == "http":
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=a.dir)
+    if a.server == "unix":
+        cls: type[socketserver.BaseServer] = PreforkUnixStreamServer
+        address: object = "\0" + a.bind[1:] if a.bind.startswith("@") else a.bind  # abstract
+    else:
+        cls = {"tcp": PreforkTCPServer, "tcp6": TCP6Server, "http": HTTPServer,
+               "threading": ThreadingServer}[a.server]  # fmt: skip
+        address = (a.bind, 0)
+    with cls(address, handler, workers=a.workers, timeout=a.timeout) as server:
+        if a.server == "unix":
+            print(f"PATH={server.server_address}", flush=True)
+        else:
+            print(f"PORT={server.server_address[1]}", flush=True)
+        if a.shutdown_before:
+            server.shutdown()
+        if a.shutdown_after_first:
+            threading.Thread(target=shut_down_after_first_answer, args=(server,)).start()
+        started = time.monotonic()
+        server.serve_forever()
+        print(f"SERVE_FOREVER RETURNED after {time.monotonic() - started:.2f}s", flush=True)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join()
+    print(f"DONE children={children_left()}", flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""Black-box tests of PreforkTCPServer and PreforkUnixStreamServer: real masters, workers,
+sockets and signals. The servers run in tests/programs/server_app.py (see its docstring
+for the handlers); the option checks and the context manager run in-process, since they
+fork nothing."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, Proc, is_alive, wait_for, wait_workers
+
+from prefork_server import PreforkTCPServer, PreforkUnixStreamServer
+
+APP = str(REPO / "tests" / "programs" / "server_app.py")
+
+Address = Any  # a port on 127.0.0.1, a (host, port) tuple, or a Unix socket path
+
+
+@pytest.fixture
+def app(spawn: Callable[..., Proc]) -> Callable[..., Proc]:
+    """``app(*args)``: start server_app.py with these arguments."""
+
+    def _app(*args: str) -> Proc:
+        return spawn([sys.executable, APP, *args])
+
+    return _app
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket path short enough for sun_path (108 bytes)."""
+    path = tmp_path / "s.sock"
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    short = Path(tempfile.mkdtemp(prefix="pf", dir="/tmp"))
+    yield short / "s.sock"
+    for entry in short.iterdir():
+        entry.unlink()
+    short.rmdir()
+
+
+def connect(address: Address, timeout: float = 10.0) -> socket.socket:
+    if isinstance(address, int):
+        address = ("127.0.0.1", address)
+    if isinstance(address, (str, Path)):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = os.fspath(address)
+    else:
+        s = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    s.settimeout(timeout)
+    try:
+        s.connect(address)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange(address: Address, payload: bytes) -> bytes:
+    """Send ``payload`` (from a thread, so that a large echo cannot deadlock), close our
+    side, and return everything the server sends until it closes."""
+    with connect(address) as s:
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        try:
+            return recv_all(s)
+        finally:
+            sender.join()
+
+
+def ask(address: Address, command: str) -> str:
+    """One command to the ``ctl`` handler; its whole answer."""
+    return exchange(address, f"{command}\n".encode()).decode()
+
+
+def ask_pid(address: Address) -> int:
+    return int(ask(address, "pid"))
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# -- 1. handlers from the standard library ------------------------------------------------
+
+
+def test_simple_http_request_handler_serves_files(app, tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    rng = random.Random(1)
+    files = {
+        f"f{i}.bin": rng.randbytes(rng.choice([0, 1, 1000, 70_000, 300_000])) for i in range(6)
+    }
+    for name, data in files.items():
+        (www / name).write_bytes(data)
+    proc = app("--server", "http", "--handler", "http", "--dir", str(www), "--workers", "2")
+    port = proc.port()
+
+    def fetch(name: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", f"/{name}")
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    names = sorted(files) * 2  # twelve requests for two workers
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(fetch, names))
+    assert [status for status, _ in results] == [200] * len(names)
+    assert [body for _, body in results] == [files[name] for name in names]
+    assert fetch("missing.txt")[0] == 404
+    assert re.search(r'"GET /f0\.bin HTTP/1\.1" 200', proc.output())  # the handler's own log
+    assert len(wait_workers(proc.pid, 2)) == 2, "no worker died along the way"
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_stream_request_handler_echoes_lines(app) -> None:
+    proc = app("--handler", "lines", "--workers", "2")
+    port = proc.port()
+    rng = random.Random(2)
+    for n in range(6):
+        lines = [rng.randbytes(rng.randrange(0, 2000)).replace(b"\n", b"") + b"\n"
+                 for _ in range(20)]  # fmt: skip
+        lines.append(b"z" * 100_000 + b"\n")
+        payload = b"".join(lines)
+        if n % 2:
+            payload += b"no newline at the end"
+        assert exchange(port, payload) == payload
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_threading_mixin_handlers_finish_on_quit(app) -> None:
+    """ThreadingMixIn runs handlers in threads inside each worker; a graceful stop waits
+    for them as it waits for a synchronous handler."""
+    proc = app("--server", "threading", "--workers", "1")
+    port = proc.port()
+    with connect(port) as s:
+        s.sendall(b"sleep 0.7 50000\n")
+        f = s.makefile("rb")
+        pid = int(f.readline().split()[1])
+        assert ask_pid(port) == pid, "a second connection is served while the first sleeps"
+        proc.signal(signal.SIGQUIT)
+        rest = f.read()
+    assert rest == f"slept {pid}\n".encode() + b"x" * 50_000
+    assert proc.wait() == 0
+    assert "DONE children=0" in proc.output()
+
+
+# -- 3. handler errors and vanishing clients -----------------------------------------------
+
+
+def test_a_handler_that_raises_is_logged_and_the_worker_serves_on(app) -> None:
+    proc = app("--workers", "1")
+    port = proc.port()
+    pid = ask_pid(port)
+    assert ask(port, "raise") == "", "the failed connection is closed without an answer"
+    out = proc.wait_output(r"RuntimeError: boom in the handler").string
+    assert re.search(r"ERROR error handling a request from 127\.0\.0\.1:\d+\nTraceback", out)
+    assert ask_pid(port) == pid
+    assert proc.workers() == [pid]
+    assert "exited" not in proc.output()
+
+
+def test_a_client_reset_mid_response_is_not_a_traceback(app) -> None:
+    proc = app("--workers", "1", "--debug")
+    port = proc.port()
+    pid = ask_pid(port)
+    s = connect(port)
+    s.sendall(b"stream\n")
+    got = 0
+    while got < 200_000:  # the handler is writing: now reset the connection
+        got += len(s.recv(65536))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # l_onoff 1, 0 s
+    s.close()
+    assert ask_pid(port) == pid  # one worker: the streaming handler has ended
+    out = proc.wait_output(r"went away").string
+    assert re.search(r"DEBUG client 127\.0\.0\.1:\d+ went away: \[Errno (32|104)\]", out), out
+    assert "Traceback" not in out and "ERROR" not in out
+
+
+# -- 4. the heartbeat ---------------------------------------------------------------------
+
+
+def test_a_stuck_handler_is_killed_while_the_other_worker_serves(app) -> None:
+    timeout = 1.0
+    proc = app("--workers", "2", "--timeout", str(timeout))
+    port = proc.port()
+    workers = wait_workers(proc.pid, 2)
+    stuck_conn = connect(port)
+    stuck_conn.sendall(b"stuck\n")
+    stuck = int(stuck_conn.makefile("rb").readline().split()[1])
+    stuck_at = time.monotonic()
+    (other,) = set(workers) - {stuck}
+    answers = []  # meanwhile, the other worker answers
+    while time.monotonic() - stuck_at < timeout / 2 or not answers:
+        answers.append(ask_pid(port))
+    assert set(answers) == {other}
+    assert len(answers) >= 3, "answered at once, not after the stuck one was replaced"
+    proc.wait_output(rf"worker\[\d\] \(pid {stuck}\) missed its heartbeat", timeout=timeout + 5)
+    wait_for(lambda: not is_alive(stuck), timeout=5, what="the stuck worker to die")
+    assert timeout * 0.9 <= time.monotonic() - stuck_at <= timeout + 3
+    assert stuck_conn.recv(10) == b"", "its connection dies with it"
+    stuck_conn.close()
+    replacements = wait_workers(proc.pid, 2)
+    (new,) = set(replacements) - {other}
+    assert new != stuck
+    later: list[int] = []
+    wait_for(lambda: later.append(ask_pid(port)) or new in later, timeout=10,
+             what="the new worker to answer")  # fmt: skip
+    assert set(later) <= {other, new}
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
+# -- 5. Unix sockets ----------------------------------------------------------------------
+
+
+def test_unix_server_serves_and_removes_its_socket_on_quit(app, sock_path: Path) -> None:
+    proc = app("--server", "unix", "--bind", str(sock_path), "--workers", "2")
+    proc.wait_output(r"PATH=")
+    assert stat.S_ISSOCK(sock_path.lstat().st_mode)
+    pids = {ask_pid(sock_path) for _ in range(6)}
+    assert pids <= set(wait_workers(proc.pid, 2))
+    assert re.fullmatch(r"sleeping (\d+)\nslept \1\nxxx", ask(sock_path, "sleep 0 3"))
+    assert ask(sock_path, "raise") == ""
+    proc.wait_output(r"error handling a request from a local client\nTraceback")
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert not os.path.lexists(sock_path)
+
+
+def test_unix_server_replaces_a_stale_socket_file(app, sock_path: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_path))
+    dead.listen()
+    dead.close()  # a server that died without unlinking its socket
+    assert stat.S_ISSOCK(sock_path.lstat().st_mode)
+    with pytest.raises(ConnectionRefusedError):
+        connect(sock_path)
+    proc = app("--server", "unix", "--bind", str(sock_path), "--workers", "1")
+    proc.wait_output(r"PATH=")
+    assert ask_pid(sock_path) in proc.workers()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
+def test_unix_server_refuses_to_replace_a_regular_file(sock_path: Path) -> None:
+    sock_path.write_text("precious\n")
+    with pytest.raises(FileExistsError, match="not a socket") as info:
+        PreforkUnixStreamServer(str(sock_path), socketserver.BaseRequestHandler, workers=1)
+    assert str(sock_path) in str(info.value)
+    assert sock_path.read_text() == "precious\n"
+
+
+def test_unix_server_refuses_a_live_servers_socket(app, sock_path: Path) -> None:
+    proc = app("--server", "unix", "--bind", str(sock_path), "--workers", "1")
+    proc.wait_output(r"PATH=")
+    inode = sock_path.lstat().st_ino
+    with pytest.raises(OSError, match="running server") as info:
+        PreforkUnixStreamServer(str(sock_path), socketserver.BaseRequestHandler, workers=1)
+    assert info.value.errno == errno.EADDRINUSE
+    assert sock_path.lstat().st_ino == inode, "the live server's socket is untouched"
+    assert ask_pid(sock_path) in proc.workers()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert not os.path.lexists(sock_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux's")
+def test_unix_server_in_the_abstract_namespace(app) -> None:
+    name = f"@prefork-test-{os.getpid()}-{time.monotonic_ns()}"
+    proc = app("--server", "unix", "--bind", name, "--workers", "1")
+    proc.wait_output(r"PATH=")
+    address = "\0" + name[1:]
+    assert ask_pid(address) in proc.workers()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output()
+    with pytest.raises(ConnectionRefusedError):
+        connect(address)
+
+
+# -- 6. IPv6 ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1)")
+def test_an_ipv6_subclass_serves_on_the_ipv6_loopback(app) -> None:
+    proc = app("--server", "tcp6", "--bind", "::1", "--workers", "2")
+    port = proc.port()
+    pids = {ask_pid(("::1", port)) for _ in range(4)}
+    assert pids <= set(proc.workers())
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
+# -- 7. shutdown() and the context manager ------------------------------------------------
+
+
+def test_shutdown_from_another_thread_returns_after_serve_forever(app) -> None:
+    proc = app("--workers", "2", "--shutdown-after-first")
+    assert proc.wait() == 0
+    out = proc.output()
+    workers = [int(pid) for pid in re.findall(r"spawned worker\[\d\] pid (\d+)", out)]
+    assert len(workers) == 2, out
+    answered = int(re.search(r"ANSWERED (\d+)", out).group(1))
+    assert answered in workers
+    # shutdown() returned only once the workers were gone and reaped.
+    assert "SHUTDOWN RETURNED children=0" in out
+    assert "DONE children=0" in out
+    assert out.index("ANSWERED") < out.index("master: graceful stop")
+    assert not any(is_alive(p) for p in workers)
+
+
+def test_shutdown_before_serve_forever_makes_it_return_at_once(app) -> None:
+    proc = app("--workers", "2", "--shutdown-before")
+    assert proc.wait() == 0
+    out = proc.output()
+    elapsed = float(re.search(r"SERVE_FOREVER RETURNED after ([\d.]+)s", out).group(1))
+    assert elapsed < 1.0
+    assert "spawned worker" not in out
+    assert "DONE children=0" in out
+
+
+def test_shutdown_inside_a_handler_stops_the_server_gracefully(app) -> None:
+    proc = app("--workers", "2")
+    port = proc.port()
+    with connect(port) as slow:  # a request in flight elsewhere must still be answered
+        slow.sendall(b"sleep 0.8 1000\n")
+        f = slow.makefile("rb")
+        busy = int(f.readline().split()[1])
+        (idle,) = set(wait_workers(proc.pid, 2)) - {busy}
+        assert ask(port, "shutdown") == f"bye {idle}\n"
+        assert f.read() == f"slept {busy}\n".encode() + b"x" * 1000
+    assert proc.wait() == 0
+    out = proc.output()
+    assert "master: graceful stop" in out
+    assert "missed its heartbeat" not in out and "killed" not in out
+    assert "DONE children=0" in out
+
+
+def test_the_context_manager_closes_the_socket() -> None:
+    with PreforkTCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler, workers=1) as s:
+        port = s.server_address[1]
+        with connect(port):  # listening (the kernel accepts into the backlog)
+            pass
+    assert s.socket.fileno() == -1
+    with pytest.raises(ConnectionRefusedError):
+        connect(port)
+
+
+# -- 8. a graceful stop with a request in flight ------------------------------------------
+
+
+def test_quit_lets_the_request_in_flight_finish(app) -> None:
+    proc = app("--workers", "2", "--timeout", "5")
+    port = proc.port()
+    wait_workers(proc.pid, 2)
+    with connect(port) as s:
+        s.sendall(b"sleep 1.5 200000\n")
+        f = s.makefile("rb")
+        busy = int(f.readline().split()[1])
+        proc.signal(signal.SIGQUIT)
+        # The idle worker leaves at once; the busy one stays until its answer is out.
+        assert wait_workers(proc.pid, 1) == [busy]
+        assert f.read() == f"slept {busy}\n".encode() + b"x" * 200_000
+    assert proc.wait() == 0
+    out = proc.output()
+    assert re.search(rf"worker\[\d\] \(pid {busy}\) exited with status 0", out), out
+    assert "DONE children=0" in out
+
+
+# -- 9. invalid options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("workers", -1),
+        ("workers", "3"),
+        ("workers", 2.0),
+        ("timeout", 0),
+        ("timeout", -1),
+        ("timeout", float("nan")),
+        ("graceful_timeout", -1),
+        ("app_name", "a/b"),
+        ("app_name", ""),
+        ("logger", "x"),
+        ("max_boot_failures", 0),
+        ("pid_path", ""),
+    ],
+)
+def test_an_invalid_option_raises_value_error_naming_it(option: str, value: object) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = None
+    with pytest.raises(ValueError, match=rf"^{option} "):
+        server = PreforkTCPServer(
+            ("127.0.0.1", port), socketserver.BaseRequestHandler, **{option: value}
+        )
+    if server is not None:
+        server.server_close()
+    with socket.socket() as s:  # nothing was left bound
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_an_invalid_class_attribute_is_refused_too() -> None:
+    class Bad(PreforkTCPServer):
+        workers = -1
+
+    with pytest.raises(ValueError, match="^workers "):
+        Bad(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+
+
+def test_valid_options_become_attributes() -> None:
+    logger = logging.getLogger("test_server.valid")
+    with PreforkTCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler, workers=3,
+                          timeout=2, app_name="valid", logger=logger) as s:  # fmt: skip
+        assert (s.workers, s.timeout, s.app_name, s.logger) == (3, 2, "valid", logger)
+    assert PreforkTCPServer.workers == 10, "settings live on the instance, not the class"
+
+
+# -- 10. descriptors ----------------------------------------------------------------------
+
+
+def _fds(pid: int) -> dict[int, tuple[str, int]]:
+    """fd -> (what it points to, its open flags), from /proc."""
+    out = {}
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+            info = Path(f"/proc/{pid}/fdinfo/{entry}").read_text()
+        except FileNotFoundError:
+            continue
+        flags = int(re.search(r"flags:\s*([0-7]+)", info).group(1), 8)
+        out[int(entry)] = (target, flags)
+    return out
+
+
+def test_a_worker_holds_the_listener_but_not_the_masters_pipes(app) -> None:
+    """What it checks, through /proc/<pid>/fd and fdinfo: the master's listening socket is
+    in the worker; the master holds both ends of its pipes (the signal wakeup pipe, and the
+    pipe whose EOF tells workers that the master died); the worker holds no write end of
+    any of them (one would keep that pipe from ever reaching EOF, or let a worker wake the
+    master's loop), at least one of them not at all (the wakeup pipe), and the read end of
+    at least one (the master-death pipe)."""
+    proc = app("--workers", "1")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    assert ask_pid(port) == worker  # booted and serving
+    master_fds, worker_fds = _fds(proc.pid), _fds(worker)
+
+    sockets = {t for t, _ in master_fds.values() if t.startswith("socket:")}
+    assert len(sockets) == 1, master_fds  # the listener, nothing else
+    assert sockets <= {t for t, _ in worker_fds.values()}
+
+    def ends(fds: dict[int, tuple[str, int]]) -> set[tuple[str, int]]:
+        return {(t, flags & os.O_ACCMODE) for t, flags in fds.values() if t.startswith("pipe:")}
+
+    master_ends, worker_ends = ends(master_fds), ends(worker_fds)
+    master_pipes = {t for t, _ in master_ends}
+    assert len(master_pipes) >= 2, master_fds
+    assert all((t, os.O_RDONLY) in master_ends and (t, os.O_WRONLY) in master_ends
+               for t in master_pipes), master_fds  # fmt: skip
+    shared = {(t, mode) for t, mode in worker_ends if t in master_pipes}
+    assert {mode for _, mode in shared} == {os.O_RDONLY}, (master_fds, worker_fds)
+    assert {t for t, _ in shared} < master_pipes, "the wakeup pipe stays in the master"
