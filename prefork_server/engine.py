@@ -162,7 +162,8 @@ def default_logger(app_name: str, path: str | None = None) -> logging.Logger:
 class Preforker:
     """Runs ``work(worker)`` in ``workers`` forked processes and keeps them alive.
 
-    Methods for the caller: :meth:`run`, :meth:`start`, :meth:`stop`.
+    Methods for the caller: :meth:`run`, :meth:`start`, :meth:`stop`; after ``run()``,
+    ``handed_over`` tells whether a new master started by USR2 took over the sockets.
 
     ``work`` receives a :class:`~prefork_server.worker.Worker` and should loop while
     ``worker.wants_me_alive()`` is true, calling it at least every ``timeout`` seconds; a
@@ -205,6 +206,7 @@ class Preforker:
         self._master: Master | None = None
         self._stop_requested: bool | None = None  # graceful?
         self._lock = threading.Lock()
+        self.handed_over = False
 
     # -- for the caller -----------------------------------------------------------------
 
@@ -266,16 +268,37 @@ class Preforker:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _worker_hooks(self) -> Hooks:
-        """The user's hooks, with the privilege drop first in ``after_fork``."""
-        hooks = self.options.hooks
+    def _worker_hooks(self, hooks: Hooks | None = None) -> Hooks:
+        """The user's hooks as the master runs them: the privilege drop first in
+        ``after_fork``, and ``on_reload``'s answer validated before the master applies it."""
+        hooks = self.options.hooks if hooks is None else hooks
         ids = resolve_user(self.options.user, self.options.group)
-        if ids is None:
-            return hooks
-        uid, gid = ids
-        return dataclasses.replace(
-            hooks, after_fork=_chain(lambda worker: drop_privileges(uid, gid), hooks.after_fork)
-        )
+        if ids is not None:
+            uid, gid = ids
+            hooks = dataclasses.replace(
+                hooks,
+                after_fork=_chain(lambda worker: drop_privileges(uid, gid), hooks.after_fork),
+            )
+        if hooks.on_reload is not None:
+            hooks = dataclasses.replace(hooks, on_reload=self._checked_reload(hooks.on_reload))
+        return hooks
+
+    def _checked_reload(self, on_reload: Callable[[], Any]) -> Callable[[], Any]:
+        def reload() -> dict[str, Any] | None:
+            changes = on_reload()
+            if not changes:
+                return None
+            changes = dict(changes)
+            fixed = set(changes) - RELOADABLE
+            if fixed:
+                raise ValueError(f"{', '.join(sorted(fixed))} cannot change on reload")
+            # Options() raises ValueError naming a bad value before anything is applied.
+            dataclasses.replace(self.options, **changes)
+            if "hooks" in changes:
+                changes["hooks"] = self._worker_hooks(changes["hooks"])
+            return changes
+
+        return reload
 
     def _serve(
         self,
@@ -323,12 +346,19 @@ class Preforker:
         try:
             master.run()
         finally:
+            self.handed_over = master.handed_over
             with self._lock:
                 self._master = None
                 self._stop_requested = None
             if pid_file is not None:
                 pid_file.remove()
             logger.info("master %d stopped", os.getpid())
+
+
+#: What an ``on_reload`` hook may return for the master to apply.
+RELOADABLE = frozenset(
+    {"workers", "timeout", "graceful_timeout", "max_requests", "max_requests_jitter", "hooks"}
+)
 
 
 def _chain(

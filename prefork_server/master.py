@@ -292,6 +292,12 @@ class Master:
     def worker_pids(self) -> list[int]:
         return sorted(self._children)
 
+    @property
+    def handed_over(self) -> bool:
+        """True if a new master started by USR2 was alive when this one stopped: the
+        listening sockets (and a Unix socket's file) are its now."""
+        return self._new_master is not None
+
     def request_stop(self, graceful: bool = True) -> None:
         """Ask the loop to stop. Safe from any thread and from signal handlers."""
         self._queue.append(Action.GRACEFUL_STOP if graceful else Action.IMMEDIATE_STOP)

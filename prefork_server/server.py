@@ -20,6 +20,7 @@ worker).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -28,10 +29,12 @@ import socket
 import socketserver
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
-from .engine import Options, Preforker, default_logger
-from .sockets import clear_stale_unix_socket
+from .engine import RELOADABLE, Options, Preforker, default_logger
+from .hooks import Hooks
+from .sockets import clear_stale_unix_socket, take_inherited_socket
 from .worker import Worker
 
 __all__ = ["PreforkMixIn", "PreforkTCPServer", "PreforkUnixStreamServer"]
@@ -52,13 +55,27 @@ class PreforkMixIn(socketserver.BaseServer):
     ``finish_request``, ``shutdown_request``, ``close_request``, ``handle_error``,
     ``service_actions`` (called in each worker after every wake-up), ``server_close``
     (by the caller, and in each worker as it leaves: ``ThreadingMixIn`` joins its threads).
-    Also ``worker_init(worker)``, called in each worker once, before it accepts.
+
+    Hooks, methods that may be overridden (each default calls the callable of the same
+    name in ``hooks``, a :class:`~prefork_server.hooks.Hooks`, if set there), and where
+    they run: ``before_fork(number)`` (master), ``after_fork(worker)`` (worker, right
+    after fork), ``worker_init(worker)`` (worker, after ``after_fork``, before accepting),
+    ``worker_exit(worker)`` (worker, after its last connection),
+    ``on_worker_timeout(number, pid)`` (master, before a silent worker is killed),
+    ``on_reload()`` (master, on HUP; may return new settings). An exception in a master
+    hook is logged and harmless; in ``after_fork`` or ``worker_init`` it is a boot failure.
 
     Settings are class attributes a subclass may override, or constructor keywords:
     ``workers`` (10), ``timeout`` (5 s: a worker silent for longer is killed; note that
     ``socketserver`` used this name for the ``handle_request()`` wait, which it still is),
     ``graceful_timeout``, ``app_name``, ``pid_path``, ``stdout_path``, ``stderr_path``,
-    ``logger``, ``max_boot_failures``.
+    ``logger``, ``max_boot_failures``, ``max_requests``, ``max_requests_jitter``,
+    ``graceful_term``, ``user``, ``group``, ``min_spare_workers``, ``max_spare_workers``,
+    ``max_workers``, ``hooks``; their meaning is :class:`~prefork_server.Preforker`'s.
+
+    Listening sockets survive restarts: the constructor adopts, instead of binding anew, a
+    socket of the same address handed over by a previous master (USR2) or by systemd
+    (``LISTEN_FDS``); ``serve_forever()`` hands its own to the next master on USR2.
     """
 
     workers: int = 10
@@ -70,13 +87,25 @@ class PreforkMixIn(socketserver.BaseServer):
     stderr_path: str | None = None
     logger: logging.Logger | None = None
     max_boot_failures: int = 5
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    graceful_term: bool = False
+    user: str | int | None = None
+    group: str | int | None = None
+    min_spare_workers: int = 0
+    max_spare_workers: int | None = None
+    max_workers: int | None = None
+    hooks: Hooks = Hooks()
 
     socket: socket.socket  # set by the socketserver class we are mixed with
 
     _SETTINGS = (
         "workers", "timeout", "graceful_timeout", "app_name", "pid_path",
-        "stdout_path", "stderr_path", "logger", "max_boot_failures",
+        "stdout_path", "stderr_path", "logger", "max_boot_failures", "max_requests",
+        "max_requests_jitter", "graceful_term", "user", "group", "min_spare_workers",
+        "max_spare_workers", "max_workers", "hooks",
     )  # fmt: skip
+    _HOOKS = ("before_fork", "after_fork", "worker_exit", "on_worker_timeout", "on_reload")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         settings = {k: kwargs.pop(k) for k in self._SETTINGS if k in kwargs}
@@ -93,6 +122,8 @@ class PreforkMixIn(socketserver.BaseServer):
         self._shut_down = threading.Event()
         self._engine_lock = threading.Lock()
         self._early_stop = False
+        self._adopted = False
+        self._handed_over = False
         super().__init__(*args, **kwargs)
 
     # -- running ------------------------------------------------------------------------
@@ -113,6 +144,7 @@ class PreforkMixIn(socketserver.BaseServer):
                     engine.stop()
             engine.run()
         finally:
+            self._handed_over = engine.handed_over
             with self._engine_lock:
                 self._engine = None
                 self._early_stop = False
@@ -149,11 +181,75 @@ class PreforkMixIn(socketserver.BaseServer):
         if not own_thread:
             self._shut_down.wait()
 
-    # -- hooks with a prefork meaning ---------------------------------------------------
+    # -- binding: adopt an inherited socket rather than bind a new one -----------------
+
+    def server_bind(self) -> None:
+        """Bind ``server_address``, or adopt the listening socket a previous master (USR2)
+        or systemd handed over for that address; either way ``server_address`` is then the
+        address actually bound."""
+        self._adopt_inherited()
+        super().server_bind()  # type: ignore[misc]
+
+    def _adopt_inherited(self) -> bool:
+        if self._adopted:
+            return True
+        inherited = take_inherited_socket(self.socket.family, self.socket.type, self.server_address)
+        if inherited is None:
+            return False
+        self.socket.close()
+        self.socket = _BoundSocket(
+            inherited.family, inherited.type, inherited.proto, fileno=inherited.detach()
+        )
+        self.socket.setblocking(True)  # as a new socket is; _make_engine decides
+        self._adopted = True
+        return True
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def before_fork(self, number: int) -> None:
+        """In the master, before forking worker ``number``."""
+        if self.hooks.before_fork is not None:
+            self.hooks.before_fork(number)
+
+    def after_fork(self, worker: Worker) -> None:
+        """In a new worker, right after fork (and after a privilege drop)."""
+        if self.hooks.after_fork is not None:
+            self.hooks.after_fork(worker)
 
     def worker_init(self, worker: Worker) -> None:
         """Called once in each worker before it accepts; override to set up per-process
         state (connections, caches). An exception here counts as a boot failure."""
+
+    def worker_exit(self, worker: Worker) -> None:
+        """In a worker that leaves after its last connection (not after a kill)."""
+        if self.hooks.worker_exit is not None:
+            self.hooks.worker_exit(worker)
+
+    def on_worker_timeout(self, number: int, pid: int) -> None:
+        """In the master, before the silent worker ``pid`` gets SIGKILL."""
+        if self.hooks.on_worker_timeout is not None:
+            self.hooks.on_worker_timeout(number, pid)
+
+    def on_reload(self) -> Mapping[str, Any] | None:
+        """In the master on HUP, before the new generation is forked. May return new
+        settings (``workers``, ``timeout``, ``graceful_timeout``, ``max_requests``,
+        ``max_requests_jitter``, ``hooks``); raising abandons the reload. New ``hooks``
+        become this server's, so the new workers run them."""
+        if self.hooks.on_reload is None:
+            return None
+        changes = dict(self.hooks.on_reload() or {})
+        fixed = set(changes) - RELOADABLE
+        if fixed:
+            raise ValueError(f"{', '.join(sorted(fixed))} cannot change on reload")
+        # Options() raises a ValueError naming a bad value: the reload is then abandoned
+        # before anything changed.
+        self._options = dataclasses.replace(self._options, **changes)
+        hooks = changes.pop("hooks", None)
+        if hooks is not None:
+            self.hooks = hooks  # ours now: the master keeps calling our methods
+        for name, value in changes.items():
+            setattr(self, name, value)
+        return changes
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log the exception being handled, with its traceback; a peer that went away is
@@ -176,10 +272,14 @@ class PreforkMixIn(socketserver.BaseServer):
         # worker shares, and a worker that loses the accept race must get EAGAIN.
         self.socket.setblocking(False)
         opts = self._options
+        skip = {"logger", "hooks", "listeners"}
         return Preforker(
             self._serve_in_worker,
-            **{name: getattr(opts, name) for name in self._SETTINGS if name != "logger"},
+            **{name: getattr(opts, name) for name in self._SETTINGS if name not in skip},
             logger=self._log,
+            listeners=(self.socket,),
+            # Bound methods, so that overriding a hook in a subclass is enough.
+            **{name: getattr(self, name) for name in self._HOOKS},
         )
 
     def _serve_in_worker(self, worker: Worker) -> None:
@@ -190,7 +290,9 @@ class PreforkMixIn(socketserver.BaseServer):
             selector.register(listener, selectors.EVENT_READ, None)
             for fd in worker.wakeup_fds:
                 selector.register(fd, selectors.EVENT_READ, fd)
-            while worker.wants_me_alive():
+            # heartbeat(), not wants_me_alive(): a wake-up is not a unit of work; each
+            # connection is counted by the busy()/idle() brackets around it.
+            while worker.heartbeat():
                 for key, _ in selector.select(worker.poll_interval):
                     if key.data is None:
                         self._accept_until_empty(worker)
@@ -215,7 +317,7 @@ class PreforkMixIn(socketserver.BaseServer):
                 self._handle_one(request, client_address)
             finally:
                 worker.idle()
-            if not worker.wants_me_alive():
+            if not worker.heartbeat():
                 return
 
     def _handle_one(self, request: Any, client_address: Any) -> None:
@@ -258,7 +360,7 @@ class PreforkUnixStreamServer(PreforkMixIn, socketserver.UnixStreamServer):
     request_queue_size = 1024
 
     def server_bind(self) -> None:
-        if not self._abstract:
+        if not self._adopt_inherited() and not self._abstract:
             clear_stale_unix_socket(self._path)
         super().server_bind()
         if not self._abstract:
@@ -274,11 +376,19 @@ class PreforkUnixStreamServer(PreforkMixIn, socketserver.UnixStreamServer):
 
     def server_close(self) -> None:
         super().server_close()
-        if self._serving_pid != os.getpid() or self._abstract:
-            return  # a worker or a launcher: the file belongs to the master
+        if self._serving_pid != os.getpid() or self._abstract or self._handed_over:
+            return  # a worker, a launcher, or a master that handed over: not our file
         with contextlib.suppress(OSError):
             if os.stat(self._path).st_ino == getattr(self, "_bound_inode", None):
                 os.unlink(self._path)
+
+
+class _BoundSocket(socket.socket):
+    """An inherited socket, bound already: ``bind()`` is a no-op, so that the usual
+    ``server_bind()`` chain (``HTTPServer``'s included) runs unchanged over it."""
+
+    def bind(self, address: Any) -> None:
+        pass
 
 
 def _addr(client_address: Any) -> str:
