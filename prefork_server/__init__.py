@@ -5,12 +5,14 @@ The public names; see the modules for the design.
 
 from .daemon import PidFileError
 from .engine import Preforker
+from .hooks import Hooks
 from .master import BootError
 from .server import PreforkMixIn, PreforkTCPServer, PreforkUnixStreamServer
 from .worker import Worker
 
 __all__ = [
     "BootError",
+    "Hooks",
     "PidFileError",
     "PreforkMixIn",
     "PreforkTCPServer",

@@ -3,6 +3,14 @@
 ::
 
     prefork-server --bind 127.0.0.1:9000 --workers 4 examples.echo:EchoHandler
+    prefork-server --config echo.conf.py examples.echo:EchoHandler
+    prefork-server status --pid-file echo.pid
+
+Settings come from three places, the later winning: the defaults, a Python config file
+(``--config``, see :mod:`prefork_server.config`), and the options given on the command
+line. HUP re-reads the file, applies what can change in a running master (see
+``RELOADABLE`` in :mod:`prefork_server.config`), and starts fresh workers, which import the
+handler's module anew (unless ``--preload`` imported it once in the master).
 
 The examples reuse :func:`build_parser` and :func:`serve` so that every program of the
 project takes the same options.
@@ -11,37 +19,75 @@ project takes the same options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
 import socket
 import socketserver
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .config import HOOK_NAMES, RELOADABLE, SETTINGS, load_config
 from .daemon import PidFileError
 from .engine import LOG_FORMAT, default_logger
+from .hooks import Hooks
 from .master import BootError
 from .server import PreforkTCPServer, PreforkUnixStreamServer
-from .sockets import BindAddress, parse_bind
+from .sockets import BindAddress, adopt_fd, inherited_address, parse_bind
+from .worker import Worker
 
-__all__ = ["build_parser", "load_target", "main", "serve"]
+__all__ = ["DEFAULTS", "build_parser", "load_target", "main", "resolve_settings", "serve"]
 
 SIGNALS_HELP = """\
 signals (send them to the master's pid):
   QUIT       graceful stop: workers finish their current connection, then exit;
              after --graceful-timeout the rest are killed
-  TERM, INT  immediate stop
+  TERM, INT  immediate stop (TERM is graceful, as QUIT, with --graceful-term)
   WINCH      stop all workers, keep the master (ignored in a terminal's foreground,
              where a window resize sends it)
   TTIN       one worker more
   TTOU       one worker fewer
   USR1       reopen the log files (after logrotate)
-  HUP        replace every worker with a fresh one, gracefully
+  HUP        reload: re-read --config, start fresh workers (which import the handler's
+             code anew), then retire the old ones gracefully
+  USR2       upgrade: exec a new master with the same command line, handing it the
+             listening sockets; the pid file becomes PIDFILE.oldbin until the old
+             master exits (send it QUIT once the new one serves)
 
 a worker silent for longer than --timeout is killed (SIGKILL) and replaced.
+`prefork-server status --pid-file FILE` prints a running server's workers.
 """
+
+#: Every setting's value when neither the command line nor a config file gives one.
+DEFAULTS: Mapping[str, Any] = {
+    "bind": "127.0.0.1:9000",
+    "workers": 10,
+    "timeout": 5.0,
+    "graceful_timeout": None,
+    "name": None,
+    "pid_file": None,
+    "log_file": None,
+    "log_level": "info",
+    "daemon": False,
+    "max_requests": 0,
+    "max_requests_jitter": 0,
+    "graceful_term": False,
+    "user": None,
+    "group": None,
+    "min_spare_workers": 0,
+    "max_spare_workers": None,
+    "max_workers": None,
+    "preload": False,
+}
+assert set(DEFAULTS) == set(SETTINGS)
+
+# The settings that are the server's keywords under the same name.
+_SERVER_KEYWORDS = ("workers", "timeout", "graceful_timeout", "max_requests",
+                    "max_requests_jitter", "graceful_term", "user", "group",
+                    "min_spare_workers", "max_spare_workers", "max_workers")  # fmt: skip
 
 
 def build_parser(
@@ -50,7 +96,11 @@ def build_parser(
     target_help: str | None = None,
     default_bind: str = "127.0.0.1:9000",
 ) -> argparse.ArgumentParser:
-    """The options every program of the project shares; add yours before parsing."""
+    """The options every program of the project shares; add yours before parsing.
+
+    Options left out on the command line parse as None; :func:`resolve_settings` fills
+    them from the config file and :data:`DEFAULTS`.
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description
@@ -58,68 +108,136 @@ def build_parser(
         epilog=SIGNALS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(default_bind=default_bind)
     if target_help is not None:
         parser.add_argument(
             "target", nargs="?" if "default" in target_help else None, help=target_help
         )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="a Python file setting any of these options (with _ for -) and hooks; "
+        "options given here win; HUP re-reads it",
+    )
+    add(
         "--bind",
         "-b",
-        default=default_bind,
         metavar="ADDRESS",
-        help="HOST:PORT, [IPV6]:PORT, :PORT (all interfaces) or unix:PATH "
-        f"(default {default_bind})",
+        help="HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH, or fd://N (a "
+        f"listening socket inherited as descriptor N) (default {default_bind}; a socket "
+        "passed by systemd socket activation is used when it has this address)",
     )
-    parser.add_argument(
-        "--workers", "-w", type=int, default=10, help="number of worker processes (default 10)"
-    )
-    parser.add_argument(
+    add("--workers", "-w", type=int, metavar="N", help="number of worker processes (default 10)")
+    add(
         "--timeout",
         "-t",
         type=float,
-        default=5.0,
-        help="seconds a worker may go without a heartbeat before it is "
-        "killed and replaced (default 5)",
+        metavar="SECONDS",
+        help="seconds a worker may go without a heartbeat before it is killed and "
+        "replaced (default 5)",
     )
-    parser.add_argument(
+    add(
         "--graceful-timeout",
         type=float,
-        default=None,
         metavar="SECONDS",
-        help="how long QUIT waits for workers before killing them (default: --timeout)",
+        help="how long a graceful stop waits for workers before killing them (default: --timeout)",
     )
-    parser.add_argument(
-        "--name",
+    add(
+        "--graceful-term",
+        action="store_true",
         default=None,
+        help="make TERM a graceful stop, as QUIT (for systemd, Docker, Kubernetes)",
+    )
+    add(
+        "--max-requests",
+        type=int,
+        metavar="N",
+        help="a worker retires gracefully after N connections (default 0: never)",
+    )
+    add(
+        "--max-requests-jitter",
+        type=int,
+        metavar="N",
+        help="add a random 0..N to each worker's --max-requests (default 0)",
+    )
+    add(
+        "--min-spare-workers",
+        type=int,
+        metavar="N",
+        help="adaptive pool: add workers while fewer than N are idle (default 0: a "
+        "fixed pool of --workers)",
+    )
+    add(
+        "--max-spare-workers",
+        type=int,
+        metavar="N",
+        help="adaptive pool: retire idle workers beyond N (default 2 x --min-spare-workers)",
+    )
+    add(
+        "--max-workers",
+        type=int,
+        metavar="N",
+        help="adaptive pool: never more workers than N (default 4 x --workers)",
+    )
+    add("--user", metavar="USER", help="workers run as this user (the master binds first)")
+    add("--group", metavar="GROUP", help="workers run with this group")
+    add(
+        "--preload",
+        action="store_true",
+        default=None,
+        help="import the handler once in the master (workers share its memory, but HUP "
+        "cannot load new code: use USR2)",
+    )
+    add(
+        "--name",
         metavar="APP_NAME",
         help="name in process titles, log lines and default file names",
     )
-    parser.add_argument(
+    add(
         "--pid-file",
-        default=None,
         metavar="PATH",
-        help="write the master's pid here (default with --daemon: "
-        "./APP_NAME.pid; none in the foreground)",
+        help="write the master's pid here (default with --daemon: ./APP_NAME.pid; none "
+        "in the foreground)",
     )
-    parser.add_argument(
+    add(
         "--daemon",
         "-D",
         action="store_true",
+        default=None,
         help="detach and run in the background (log to ./APP_NAME.log)",
     )
-    parser.add_argument(
+    add(
         "--log-file",
-        default=None,
         metavar="PATH",
         help="write the log here (default: stderr; with --daemon ./APP_NAME.log)",
     )
-    parser.add_argument(
+    add(
         "--log-level",
-        default="info",
         choices=["debug", "info", "warning", "error"],
         help="log level (default info)",
     )
     return parser
+
+
+def resolve_settings(
+    args: argparse.Namespace, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Defaults, then ``--config``'s file, then the command line: every setting of
+    :data:`DEFAULTS` plus the file's hooks. Raises ``ValueError`` (or the config file's
+    own exception) for a bad file."""
+    settings = dict(DEFAULTS)
+    settings["bind"] = getattr(args, "default_bind", DEFAULTS["bind"])
+    settings.update(defaults or {})
+    config_path = getattr(args, "config", None)
+    if config_path:
+        settings.update(load_config(config_path))
+    for name in SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    return settings
 
 
 def load_target(spec: str) -> Any:
@@ -135,6 +253,44 @@ def load_target(spec: str) -> Any:
     return obj
 
 
+def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
+    """:func:`load_target`, checked to be a ``socketserver.BaseRequestHandler`` subclass
+    (``ValueError`` if not)."""
+    handler = load_target(spec)
+    if not (isinstance(handler, type) and issubclass(handler, socketserver.BaseRequestHandler)):
+        raise ValueError(f"{spec!r} is not a socketserver.BaseRequestHandler subclass")
+    return handler
+
+
+def check_in_child(load: Callable[[], object]) -> str | None:
+    """Run ``load()`` in a forked child and return its error message, or None.
+
+    So that the master can refuse a target that does not import, with a clear message,
+    without importing it itself: workers then import the code as it is when they start,
+    and a HUP picks up new code.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 0
+        try:
+            load()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
+            plain = isinstance(e, (ValueError, ImportError, AttributeError))
+            message = str(e) if plain else f"{type(e).__name__}: {e}"
+            if isinstance(e, SyntaxError):
+                message = "".join(traceback.format_exception_only(e)).strip()
+            os.write(write_fd, message.encode(errors="replace") or b"error")
+            code = 1
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return message or None
+
+
 def server_class_for(address: BindAddress, base: type[Any] = PreforkTCPServer) -> type[Any]:
     if address.family == socket.AF_UNIX:
         return PreforkUnixStreamServer
@@ -143,38 +299,68 @@ def server_class_for(address: BindAddress, base: type[Any] = PreforkTCPServer) -
     return base
 
 
+class _LazyHandler:
+    """Stands for the handler class in the master until a worker imports the real one."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError(f"{self.spec} was not loaded in this worker")
+
+
 def serve(
     args: argparse.Namespace,
-    handler: type[socketserver.BaseRequestHandler],
+    handler: type[socketserver.BaseRequestHandler] | str,
     server_class: type[Any] | None = None,
     **settings: Any,
 ) -> int:
-    """Bind ``args.bind``, then serve in the foreground or as a daemon. Returns an exit
-    status; errors are printed, not raised."""
-    default_name = settings.pop("app_name", None)  # always popped: app_name=name below
+    """Bind, then serve in the foreground or as a daemon, until stopped. Returns an exit
+    status: 0, 1 if the server failed, 2 for bad options; errors are printed, not raised.
+
+    ``handler`` is a handler class, or a ``module:Class`` string that each worker imports
+    when it starts (the master does not, unless ``--preload``), so that HUP loads new
+    code. ``settings`` are the server's keywords (``app_name`` is a default name).
+    """
+    default_name = settings.pop("app_name", None)
     name = args.name or default_name or "prefork_server"
     try:
-        address = parse_bind(args.bind)
-        logger = _logger(name, args)
+        conf = resolve_settings(args)
+        pinned = {}
+        if args.bind is None and not _config_sets(args, "bind"):
+            activated = inherited_address()  # socket activation: use systemd's socket
+            if activated is not None:
+                pinned["bind"] = conf["bind"] = str(activated)
+        name = conf["name"] or default_name or "prefork_server"
+        lazy: str | None = None
+        if isinstance(handler, str):
+            if conf["preload"]:
+                handler = load_handler(handler)
+            else:
+                lazy = handler
+                error = check_in_child(lambda: load_handler(lazy))
+                if error:
+                    raise ValueError(f"cannot load {lazy!r}: {error}")
+        address = _bind_address(conf["bind"])
+        logger = _logger(name, conf)
         cls = server_class or server_class_for(address)
         server = cls(
             address.address,
-            handler,
-            workers=args.workers,
-            timeout=args.timeout,
-            graceful_timeout=args.graceful_timeout,
+            handler if lazy is None else _LazyHandler(lazy),
             app_name=name,
-            pid_path=args.pid_file,
+            pid_path=conf["pid_file"],
             logger=logger,
+            **{key: conf[key] for key in _SERVER_KEYWORDS},
             **settings,
         )
-    except (ValueError, OSError) as e:
+        server.hooks = _Hooks(args, conf, server, logger, lazy, pinned).make(conf)
+    except Exception as e:  # noqa: BLE001 - bad options or config file: a message, exit 2
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     with server:
         host = _describe(server, address)
         try:
-            if args.daemon:
+            if conf["daemon"]:
                 pid = server.start()
                 print(f"{name}: master pid {pid} serving on {host}")
             else:
@@ -186,7 +372,73 @@ def serve(
     return 0
 
 
+class _Hooks:
+    """The server's hooks from the command line: the config file's own, a worker's import
+    of a lazily loaded handler, and ``on_reload``, which re-reads the config file."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        conf: dict[str, Any],
+        server: Any,
+        logger: logging.Logger,
+        lazy_spec: str | None,
+        pinned: Mapping[str, Any],
+    ) -> None:
+        self.pinned = pinned  # settings a reload keeps as they were chosen at start
+        self.args = args
+        self.conf = conf  # the settings in force in the master
+        self.server = server
+        self.logger = logger
+        self.lazy_spec = lazy_spec
+
+    def make(self, conf: Mapping[str, Any]) -> Hooks:
+        user = {name: conf.get(name) for name in HOOK_NAMES if name != "on_reload"}
+        then = user.pop("after_fork")
+        after_fork = then
+        if self.lazy_spec is not None:
+            spec = self.lazy_spec
+
+            def after_fork(worker: Worker) -> None:
+                # Here, not in the master: a worker forked after a HUP imports new code.
+                self.server.RequestHandlerClass = load_handler(spec)
+                if then is not None:
+                    then(worker)
+
+        return Hooks(after_fork=after_fork, on_reload=self.reload, **user)
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file; return what the master should apply. Raises (and
+        the reload is abandoned, the current workers serving on) if the file is bad."""
+        fresh = {**resolve_settings(self.args), **self.pinned}
+        changes: dict[str, Any] = {}
+        for key in DEFAULTS:
+            if fresh[key] == self.conf[key]:
+                continue
+            if key not in RELOADABLE:
+                self.logger.warning(
+                    "master: %s changed to %r; it takes a restart or an upgrade (USR2)",
+                    key,
+                    fresh[key],
+                )
+            elif key == "log_level":
+                self.logger.setLevel(getattr(logging, str(fresh[key]).upper()))
+                self.logger.info("master: reload sets log_level = %r", fresh[key])
+            else:
+                changes[key] = fresh[key]
+        # Refuse a bad value now (ValueError naming it), before anything is applied.
+        dataclasses.replace(self.server._options, **changes)
+        changes["hooks"] = self.make(fresh)
+        self.conf.update({k: fresh[k] for k in RELOADABLE if k in fresh})
+        return changes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(argv[1:])
     parser = build_parser(
         prog="prefork-server",
         target_help="module:HandlerClass, a "
@@ -194,18 +446,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "examples.echo:EchoHandler)",
     )
     args = parser.parse_args(argv)
-    try:
-        handler = load_target(args.target)
-    except (ImportError, AttributeError, ValueError) as e:
-        parser.error(f"cannot load {args.target!r}: {e}")
-    if not (isinstance(handler, type) and issubclass(handler, socketserver.BaseRequestHandler)):
-        parser.error(f"{args.target!r} is not a socketserver.BaseRequestHandler subclass")
-    return serve(args, handler)
+    return serve(args, args.target)
 
 
-def _logger(name: str, args: argparse.Namespace) -> logging.Logger:
-    level = getattr(logging, args.log_level.upper())
-    log_path = args.log_file or (f"{name}.log" if args.daemon else None)
+def _config_sets(args: argparse.Namespace, name: str) -> bool:
+    path = getattr(args, "config", None)
+    return path is not None and name in load_config(path)
+
+
+def _bind_address(text: str) -> BindAddress:
+    if text.startswith("fd://"):
+        fd = text[len("fd://") :]
+        if not fd.isdigit():
+            raise ValueError(f"bind: {text!r} is not of the form fd://N")
+        return adopt_fd(int(fd))
+    return parse_bind(text)
+
+
+def _logger(name: str, conf: Mapping[str, Any]) -> logging.Logger:
+    level = getattr(logging, str(conf["log_level"]).upper(), None)
+    if not isinstance(level, int):
+        raise ValueError(f"log_level must be debug, info, warning or error, not {level!r}")
+    log_path = conf["log_file"] or (f"{name}.log" if conf["daemon"] else None)
     if log_path is None:
         logger = default_logger(name)
     else:

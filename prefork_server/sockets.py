@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "BindAddress",
+    "adopt_fd",
     "clear_stale_unix_socket",
+    "inherited_address",
     "inherited_sockets",
     "parse_bind",
     "started_by_upgrade",
@@ -152,6 +154,48 @@ def take_inherited_socket(
             return sock
         sock.detach()  # not ours to close: another server may claim it
     return None
+
+
+def inherited_address() -> BindAddress | None:
+    """The address of the first inherited listening socket not claimed yet, or None.
+    Claims nothing: the server that binds this address adopts the socket."""
+    _inherited.load()
+    for fd in _inherited.fds:
+        with contextlib.suppress(OSError, ValueError):
+            return _address_of(fd)
+    return None
+
+
+def _address_of(fd: int) -> BindAddress:
+    sock = socket.socket(fileno=fd)
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.type != socket.SOCK_STREAM or not listening:
+            raise ValueError(f"bind: fd://{fd} is not a listening stream socket")
+        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            raise ValueError(f"bind: fd://{fd} has an unsupported family {sock.family!r}")
+        family = socket.AddressFamily(sock.family)
+        address = sock.getsockname()
+    finally:
+        sock.detach()
+    if family == socket.AF_UNIX:
+        return BindAddress(family, os.fsdecode(address))
+    return BindAddress(family, (address[0], address[1]))
+
+
+def adopt_fd(fd: int) -> BindAddress:
+    """Offer the listening socket on descriptor ``fd`` (``--bind fd://N``) to the next
+    server that binds its address; return that address. Raises ``ValueError`` if ``fd``
+    is not a listening stream socket."""
+    try:
+        address = _address_of(fd)
+    except OSError as e:
+        raise ValueError(f"bind: fd://{fd} is not a socket ({e.strerror})") from None
+    _inherited.load()
+    if fd not in _inherited.fds:
+        _inherited.fds.append(fd)
+    os.set_inheritable(fd, False)  # the workers get it through the server, not by number
+    return address
 
 
 def inherited_sockets() -> list[socket.socket]:

@@ -152,6 +152,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         *args: str,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> Proc:
         argv = [sys.executable, "-c", program, *args] if isinstance(program, str) else program
         log = tmp_path / f"proc{len(started)}.out"
@@ -170,6 +171,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
                 cwd=cwd or tmp_path,
                 env=full_env,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         proc = Proc(popen, log)
         started.append(proc)

@@ -24,8 +24,10 @@ ECHO = [sys.executable, "-m", "examples.echo"]
 SCRIPT = Path(sys.executable).parent / "prefork-server"  # the installed console script
 
 OPTIONS = ["--bind", "--workers", "--timeout", "--graceful-timeout", "--name", "--pid-file",
-           "--daemon", "--log-file", "--log-level", "--help"]  # fmt: skip
-SIGNALS = ["QUIT", "TERM", "INT", "WINCH", "TTIN", "TTOU", "USR1", "HUP"]
+           "--daemon", "--log-file", "--log-level", "--help", "--config", "--graceful-term",
+           "--max-requests", "--max-requests-jitter", "--min-spare-workers",
+           "--max-spare-workers", "--max-workers", "--user", "--group", "--preload"]  # fmt: skip
+SIGNALS = ["QUIT", "TERM", "INT", "WINCH", "TTIN", "TTOU", "USR1", "HUP", "USR2"]
 
 
 @pytest.fixture

@@ -23,8 +23,10 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
     A connection may last longer than the worker's ``timeout``: while it waits for the
     client, the handler stamps the worker's heartbeat, so that only a handler that is
-    really stuck is killed. It ends the connection when the worker is asked to stop (QUIT),
-    and drops a client that stays silent for ``request_timeout`` seconds.
+    really stuck is killed. When the worker is asked to stop (QUIT, a HUP's retirement,
+    ``max_requests``), the handler still answers the first message of a connection it has
+    accepted, and whatever has already arrived, then closes at the first quiet moment. A
+    client that stays silent for ``request_timeout`` seconds is dropped.
     """
 
     request_timeout = 300.0  # an idle client is dropped after this many seconds
@@ -38,10 +40,16 @@ class EchoHandler(socketserver.BaseRequestHandler):
         if worker is not None:
             wait = min(wait, worker.poll_interval)
         idle_since = time.monotonic()
+        answered = False
         with selectors.DefaultSelector() as selector:
             selector.register(self.request, selectors.EVENT_READ)
-            while worker is None or worker.heartbeat():
-                if not selector.select(wait):
+            while True:
+                stopping = worker is not None and not worker.heartbeat()
+                # Stopping: a connection we accepted gets its first answer; after that,
+                # serve only what has already arrived.
+                if not selector.select(0 if stopping and answered else wait):
+                    if stopping and answered:
+                        return
                     if time.monotonic() - idle_since >= self.request_timeout:
                         return
                     continue
@@ -49,4 +57,5 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 if not data:
                     return
                 self.request.sendall(data)
+                answered = True
                 idle_since = time.monotonic()
