@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 __all__ = [
     "Daemon",
@@ -263,10 +264,20 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setuid(uid)
 
 
+def full_process_titles() -> Callable[[str], None] | None:
+    """A function that sets the whole title ``ps`` shows (setproctitle's), or None when
+    only the kernel's 15-byte task name can be set."""
+    try:
+        import setproctitle
+    except ImportError:
+        return None
+    return setproctitle.setproctitle
+
+
 def set_process_title(title: str) -> None:
     """Show ``title`` in ``ps``: setproctitle when installed, else the kernel's task name."""
     try:
-        import setproctitle  # type: ignore[import-not-found]
+        import setproctitle
 
         setproctitle.setproctitle(title)
         return

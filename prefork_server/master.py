@@ -37,7 +37,7 @@ from types import FrameType
 from typing import TypeVar
 
 from . import systemd
-from .daemon import set_process_title
+from .daemon import full_process_titles, set_process_title
 from .hooks import Hooks
 from .scoreboard import Scoreboard, Slot, SlotState
 from .upgrade import Upgrader
@@ -484,7 +484,8 @@ class Master:
     def _become_worker(self, number: int, slot: Slot, old_mask: Iterable[int]) -> None:
         code = 1
         try:
-            set_process_title(f"{self._app_name} worker[{number}]")
+            title = f"{self._app_name} worker[{number}]"
+            set_process_title(title)
             signal.set_wakeup_fd(-1)
             for fd in (self._wake_r, self._wake_w, self._death_w, self._scoreboard.fd):
                 if fd >= 0:  # the scoreboard's mapping outlives its descriptor
@@ -503,6 +504,8 @@ class Master:
                 logger=self._log,
                 reopen_logs=self._reopen_logs,
                 max_requests=limit,
+                title=title,
+                set_title=full_process_titles(),
             )
             worker._install_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

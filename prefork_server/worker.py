@@ -68,6 +68,8 @@ class Worker:
         logger: logging.Logger,
         reopen_logs: Callable[[], None] | None = None,
         max_requests: int = 0,
+        title: str = "",
+        set_title: Callable[[str], None] | None = None,
     ) -> None:
         self.number = number
         self.generation = generation
@@ -86,6 +88,9 @@ class Worker:
         self.max_requests = max_requests  # 0: no limit
         self.served = 0  # units of work done, as counted for max_requests
         self._brackets = False  # True once busy()/idle() count the units
+        self._title = title
+        self._set_title = set_title
+        self._shown = ""
 
     # -- for the work function ----------------------------------------------------------
 
@@ -131,6 +136,8 @@ class Worker:
             self._reopen_requested = False
             if self._reopen_logs is not None:
                 self._reopen_logs()
+        if self._set_title is not None and not self._alive and self._shown != "stopping":
+            self._show_title("stopping")
         if self._alive and now >= self._next_parent_check:
             self._next_parent_check = now + _PARENT_CHECK_INTERVAL
             if self.master_is_gone():
@@ -147,12 +154,24 @@ class Worker:
         ``max_requests``; otherwise each wants_me_alive() after the first counts one.
         """
         self._brackets = True
-        self._slot.busy(time.monotonic())
+        now = time.monotonic()
+        self._slot.busy(now)
+        if self._set_title is not None:
+            self._show_title("busy")
 
     def idle(self) -> None:
         """Mark the end of a unit of work: heartbeat, and one more unit served."""
         self._slot.idle(time.monotonic())
         self._count_unit()
+        if self._set_title is not None:
+            self._show_title("idle" if self._alive else "stopping")
+
+    def _show_title(self, state: str) -> None:
+        # Only on a change of state, never in the heartbeat itself: setproctitle costs a
+        # system call (prctl). Without setproctitle the title names the role only.
+        self._shown = state
+        assert self._set_title is not None
+        self._set_title(f"{self._title} {state}, {self.served} served")
 
     def _count_unit(self) -> None:
         self.served += 1

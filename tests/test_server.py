@@ -504,3 +504,22 @@ def test_a_worker_holds_the_listener_but_not_the_masters_pipes(app) -> None:
     shared = {(t, mode) for t, mode in worker_ends if t in master_pipes}
     assert {mode for _, mode in shared} == {os.O_RDONLY}, (master_fds, worker_fds)
     assert {t for t, _ in shared} < master_pipes, "the wakeup pipe stays in the master"
+
+
+def test_process_titles_show_each_workers_state(app) -> None:
+    pytest.importorskip("setproctitle")  # without it only the 15-byte task name can change
+    proc = app("--workers", "1", "--timeout", "30")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+
+    def title() -> str:
+        return Path(f"/proc/{worker}/cmdline").read_text().replace("\0", " ").strip()
+
+    ask_pid(port)
+    wait_for(lambda: re.search(r"worker\[0\] idle, 1 served", title()), what="idle title")
+    stuck = connect(port)
+    stuck.sendall(b"stuck\n")
+    wait_for(lambda: re.search(r"worker\[0\] busy, 1 served", title()), what="busy title")
+    stuck.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
