@@ -7,7 +7,13 @@ from .daemon import PidFileError
 from .engine import Preforker
 from .hooks import Hooks
 from .master import BootError
-from .server import PreforkMixIn, PreforkTCPServer, PreforkUnixStreamServer
+from .server import (
+    PreforkMixIn,
+    PreforkTCPServer,
+    PreforkThreadingMixIn,
+    PreforkThreadingTCPServer,
+    PreforkUnixStreamServer,
+)
 from .worker import Worker
 
 __all__ = [
@@ -16,6 +22,8 @@ __all__ = [
     "PidFileError",
     "PreforkMixIn",
     "PreforkTCPServer",
+    "PreforkThreadingMixIn",
+    "PreforkThreadingTCPServer",
     "PreforkUnixStreamServer",
     "Preforker",
     "Worker",

@@ -35,7 +35,7 @@ from .daemon import PidFileError
 from .engine import LOG_FORMAT, default_logger
 from .hooks import Hooks
 from .master import BootError
-from .server import PreforkTCPServer, PreforkUnixStreamServer
+from .server import PreforkTCPServer, PreforkThreadingMixIn, PreforkUnixStreamServer
 from .sockets import BindAddress, adopt_fd, inherited_address, parse_bind
 from .worker import Worker
 
@@ -81,6 +81,7 @@ DEFAULTS: Mapping[str, Any] = {
     "max_spare_workers": None,
     "max_workers": None,
     "preload": False,
+    "threads": 0,
 }
 assert set(DEFAULTS) == set(SETTINGS)
 
@@ -183,6 +184,13 @@ def build_parser(
     )
     add("--user", metavar="USER", help="workers run as this user (the master binds first)")
     add("--group", metavar="GROUP", help="workers run with this group")
+    add(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="run up to N handler threads in each worker (default 0: one connection at "
+        "a time per worker, no threads)",
+    )
     add(
         "--preload",
         action="store_true",
@@ -313,6 +321,7 @@ def serve(
     args: argparse.Namespace,
     handler: type[socketserver.BaseRequestHandler] | str,
     server_class: type[Any] | None = None,
+    mixins: tuple[type, ...] = (),
     **settings: Any,
 ) -> int:
     """Bind, then serve in the foreground or as a daemon, until stopped. Returns an exit
@@ -320,7 +329,8 @@ def serve(
 
     ``handler`` is a handler class, or a ``module:Class`` string that each worker imports
     when it starts (the master does not, unless ``--preload``), so that HUP loads new
-    code. ``settings`` are the server's keywords (``app_name`` is a default name).
+    code. ``mixins`` go in front of the server class chosen for the address (TCP, IPv6
+    or Unix). ``settings`` are the server's keywords (``app_name`` is a default name).
     """
     default_name = settings.pop("app_name", None)
     name = args.name or default_name or "prefork_server"
@@ -344,6 +354,13 @@ def serve(
         address = _bind_address(conf["bind"])
         logger = _logger(name, conf)
         cls = server_class or server_class_for(address)
+        threads = conf["threads"]
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise ValueError(f"threads must be an integer >= 0, not {threads!r}")
+        if threads:
+            mixins = (*mixins, PreforkThreadingMixIn)
+        if mixins:
+            cls = type(cls.__name__, (*mixins, cls), {"max_threads": threads or 16})
         server = cls(
             address.address,
             handler if lazy is None else _LazyHandler(lazy),

@@ -48,6 +48,7 @@ SETTINGS: Mapping[str, tuple[type, ...]] = {
     "max_spare_workers": (int,),
     "max_workers": (int,),
     "preload": (bool,),
+    "threads": (int,),
 }
 
 HOOK_NAMES = ("before_fork", "after_fork", "worker_exit", "on_worker_timeout", "on_reload")

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -37,7 +38,13 @@ from .hooks import Hooks
 from .sockets import clear_stale_unix_socket, take_inherited_socket
 from .worker import Worker
 
-__all__ = ["PreforkMixIn", "PreforkTCPServer", "PreforkUnixStreamServer"]
+__all__ = [
+    "PreforkMixIn",
+    "PreforkTCPServer",
+    "PreforkThreadingMixIn",
+    "PreforkThreadingTCPServer",
+    "PreforkUnixStreamServer",
+]
 
 # A peer that goes away is routine for a server, not an error worth a traceback.
 _PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -96,6 +103,9 @@ class PreforkMixIn(socketserver.BaseServer):
     max_spare_workers: int | None = None
     max_workers: int | None = None
     hooks: Hooks = Hooks()
+    #: Wake one idle worker per new connection where the OS can (Linux: EPOLLEXCLUSIVE),
+    #: instead of every idle worker, all but one of which then find nothing to accept.
+    exclusive_accept: bool = True
 
     socket: socket.socket  # set by the socketserver class we are mixed with
 
@@ -284,27 +294,59 @@ class PreforkMixIn(socketserver.BaseServer):
 
     def _serve_in_worker(self, worker: Worker) -> None:
         self.worker = worker
+        self._loop_r, self._loop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.worker_init(worker)
-        listener = self.socket
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ, None)
-            for fd in worker.wakeup_fds:
-                selector.register(fd, selectors.EVENT_READ, fd)
-            # heartbeat(), not wants_me_alive(): a wake-up is not a unit of work; each
-            # connection is counted by the busy()/idle() brackets around it.
-            while worker.heartbeat():
-                for key, _ in selector.select(worker.poll_interval):
-                    if key.data is None:
-                        self._accept_until_empty(worker)
-                    else:
-                        worker.drain_wakeup(key.data)
-                self.service_actions()
+        self.serve_in_worker(worker)
         # As a socketserver does when it is done: ThreadingMixIn waits here for its handler
         # threads, which a graceful stop must not cut short (os._exit follows).
         self.server_close()
 
+    def serve_in_worker(self, worker: Worker) -> None:
+        """The worker's main loop; return to end the worker.
+
+        Waits on the listening socket and the worker's wake-up descriptors, accepts
+        without blocking until EAGAIN, and runs each connection through
+        ``process_request``. It may be overridden to run another I/O model on
+        ``self.socket`` (an asyncio server, say); the override must call
+        ``worker.heartbeat()`` at least every ``worker.poll_interval`` seconds and return
+        once it is False.
+        """
+        listener = self.socket.fileno()
+        with _Poller(listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept) as poll:
+            while self._keep_serving(worker):
+                poll.watch_listener(self.ready_to_accept())
+                for fd in poll.wait(worker.poll_interval):
+                    if fd == listener:
+                        self._accept_until_empty(worker)
+                    elif fd == self._loop_r:
+                        _drain(fd)
+                    else:
+                        worker.drain_wakeup(fd)
+                self.service_actions()
+
+    def ready_to_accept(self) -> bool:
+        """Whether the worker takes new connections now (True; a thread pool that is
+        full says False). Call :meth:`wake_worker_loop` when the answer turns True."""
+        return True
+
+    def worker_is_healthy(self) -> bool:
+        """Whether the worker's main loop may stamp the heartbeat (True). When False, the
+        master kills the worker after ``timeout`` unless something else stamps it."""
+        return True
+
+    def wake_worker_loop(self) -> None:
+        """Make the worker's main loop look at :meth:`ready_to_accept` again; safe from
+        any thread of a worker."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._loop_w, b"x")
+
+    def _keep_serving(self, worker: Worker) -> bool:
+        # heartbeat(), not wants_me_alive(): a wake-up is not a unit of work; each
+        # connection is counted by the busy()/idle() brackets around it.
+        return worker.heartbeat() if self.worker_is_healthy() else worker.alive
+
     def _accept_until_empty(self, worker: Worker) -> None:
-        while True:
+        while self.ready_to_accept():
             try:
                 request, client_address = self.get_request()
             except (BlockingIOError, InterruptedError):
@@ -312,13 +354,16 @@ class PreforkMixIn(socketserver.BaseServer):
             except OSError as e:
                 self._log.warning("accept failed: %s", e)
                 return
-            worker.busy()
-            try:
-                self._handle_one(request, client_address)
-            finally:
-                worker.idle()
-            if not worker.heartbeat():
+            self._run_connection(worker, request, client_address)
+            if not self._keep_serving(worker):
                 return
+
+    def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
+        worker.busy()
+        try:
+            self._handle_one(request, client_address)
+        finally:
+            worker.idle()
 
     def _handle_one(self, request: Any, client_address: Any) -> None:
         # As socketserver.BaseServer._handle_request_noblock, minus the accept.
@@ -333,6 +378,65 @@ class PreforkMixIn(socketserver.BaseServer):
         except BaseException:
             self.shutdown_request(request)
             raise
+
+
+class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
+    """Handler threads inside each worker: put it first, as with ``socketserver``.
+
+    ``class Server(PreforkThreadingMixIn, PreforkTCPServer)`` serves up to
+    ``max_threads`` connections at once in each worker, one thread each. While all of a
+    worker's threads are busy it accepts no more (the other workers do), and its main loop
+    stops stamping the heartbeat: if none of them finishes or stamps it
+    (``self.server.worker.heartbeat()``, as a long-lived handler should) within
+    ``timeout``, the master kills the worker as stuck. A graceful stop waits for the
+    threads (up to ``graceful_timeout``). ``daemon_threads`` is False for that reason.
+    """
+
+    max_threads: int = 16
+    daemon_threads = False
+    block_on_close = True
+
+    def worker_init(self, worker: Worker) -> None:
+        self._threads_lock = threading.Lock()
+        self._active_threads = 0
+        super().worker_init(worker)  # type: ignore[misc]
+
+    def ready_to_accept(self) -> bool:
+        return self._active_threads < self.max_threads
+
+    def worker_is_healthy(self) -> bool:
+        return self._active_threads < self.max_threads
+
+    def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
+        with self._threads_lock:
+            self._active_threads += 1
+            if self._active_threads == 1:
+                worker.busy()
+        self._handle_one(request, client_address)  # type: ignore[attr-defined]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._thread_done()  # no thread started: it will not report itself
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._thread_done()
+
+    def _thread_done(self) -> None:
+        worker: Worker = self.worker  # type: ignore[attr-defined]
+        with self._threads_lock:
+            self._active_threads -= 1
+            if self._active_threads == 0:
+                worker.idle()
+            else:
+                worker.heartbeat()
+                worker.count_unit()
+        self.wake_worker_loop()  # type: ignore[attr-defined]
 
 
 class PreforkTCPServer(PreforkMixIn, socketserver.TCPServer):
@@ -389,6 +493,72 @@ class _BoundSocket(socket.socket):
 
     def bind(self, address: Any) -> None:
         pass
+
+
+class PreforkThreadingTCPServer(PreforkThreadingMixIn, PreforkTCPServer):
+    """:class:`PreforkTCPServer` with up to ``max_threads`` handler threads per worker."""
+
+
+class _Poller:
+    """Waits on the listening socket and a worker's other descriptors.
+
+    On Linux the listener is registered with ``EPOLLEXCLUSIVE`` (unless told not to): a
+    new connection then wakes one idle worker instead of all of them. Elsewhere, the
+    ``selectors`` module's best.
+    """
+
+    def __init__(self, listener: int, others: tuple[int, ...], exclusive: bool) -> None:
+        self._listener = listener
+        self._watching = False
+        self._epoll: Any = None
+        self._selector: selectors.BaseSelector | None = None
+        self._exclusive = exclusive and hasattr(select, "EPOLLEXCLUSIVE")
+        if self._exclusive:
+            self._epoll = select.epoll()
+            for fd in others:
+                self._epoll.register(fd, select.EPOLLIN)
+        else:
+            self._selector = selectors.DefaultSelector()
+            for fd in others:
+                self._selector.register(fd, selectors.EVENT_READ)
+        self.watch_listener(True)
+
+    def watch_listener(self, on: bool) -> None:
+        if on == self._watching:
+            return
+        self._watching = on
+        if self._epoll is not None:
+            # EPOLLEXCLUSIVE cannot be modified, only added and removed.
+            if on:
+                self._epoll.register(self._listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                self._epoll.unregister(self._listener)
+        elif self._selector is not None:
+            if on:
+                self._selector.register(self._listener, selectors.EVENT_READ)
+            else:
+                self._selector.unregister(self._listener)
+
+    def wait(self, timeout: float) -> list[int]:
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(timeout)]
+        assert self._selector is not None
+        return [key.fd for key, _ in self._selector.select(timeout)]
+
+    def __enter__(self) -> _Poller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        if self._selector is not None:
+            self._selector.close()
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while os.read(fd, 512):
+            pass
 
 
 def _addr(client_address: Any) -> str:

@@ -166,6 +166,18 @@ class Worker:
         if self._set_title is not None:
             self._show_title("idle" if self._alive else "stopping")
 
+    def count_unit(self) -> None:
+        """Count one unit of work without changing the state shown (for workers that run
+        several at once, such as handler threads: see :meth:`busy`)."""
+        self._brackets = True
+        self._count_unit()
+
+    @property
+    def alive(self) -> bool:
+        """What :meth:`heartbeat` would return, without stamping the heartbeat: for a
+        worker that must not look alive (all its handler threads are stuck)."""
+        return self._alive
+
     def _show_title(self, state: str) -> None:
         # Only on a change of state, never in the heartbeat itself: setproctitle costs a
         # system call (prctl). Without setproctitle the title names the role only.

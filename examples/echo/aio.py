@@ -1,0 +1,108 @@
+"""The echo server on asyncio: each worker runs an event loop on the inherited socket.
+
+The Python counterpart of the preforker gem's EventMachine example: the master, the
+signals and the heartbeat are the same; inside a worker, one event loop serves every
+connection that worker accepts. ``python -m examples.echo --asyncio``.
+
+The heartbeat is a task that calls ``worker.heartbeat()`` every ``poll_interval / 2``
+seconds: if anything blocks the event loop for longer than ``timeout``, the task cannot
+run, and the master kills the worker, as it would a stuck synchronous handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from prefork_server import Worker
+
+__all__ = ["AsyncioEchoMixIn"]
+
+
+class AsyncioEchoMixIn:
+    """Put in front of a prefork server class; replaces the worker's main loop.
+
+    A graceful stop (QUIT, HUP, ``max_requests``) closes the listening socket in this
+    worker, lets each connection answer what it has already received, and closes it.
+    """
+
+    socket: Any
+    request_timeout = 300.0  # an idle client is dropped after this many seconds
+
+    def serve_in_worker(self, worker: Worker) -> None:
+        asyncio.run(self._serve(worker))
+
+    async def _serve(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        self._active = 0
+
+        def woken(fd: int) -> None:
+            worker.drain_wakeup(fd)
+            if not worker.heartbeat():
+                stopping.set()
+
+        for fd in worker.wakeup_fds:
+            loop.add_reader(fd, woken, fd)
+        # Each connection's task, and whether it is waiting for a client that has had
+        # every answer (only those are cut short by a graceful stop).
+        clients: dict[asyncio.Task[None], bool] = {}
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            clients[task] = False
+            self._active += 1
+            if self._active == 1:
+                worker.busy()
+            try:
+                await self._echo(reader, writer, stopping, clients, task)
+            except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+                del clients[task]
+                self._active -= 1
+                if self._active == 0:
+                    worker.idle()
+                else:
+                    worker.count_unit()
+                if not worker.heartbeat():  # max_requests may have been reached
+                    stopping.set()
+
+        server = await asyncio.start_server(client, sock=self.socket, backlog=1024)
+        try:
+            while not stopping.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), worker.poll_interval / 2)
+                if not worker.heartbeat():
+                    stopping.set()
+        finally:
+            server.close()
+            for fd in worker.wakeup_fds:
+                loop.remove_reader(fd)
+            for task, quiet in list(clients.items()):
+                if quiet:
+                    task.cancel()
+            if clients:  # the others answer what they were sent, then close
+                await asyncio.wait(set(clients), timeout=worker.timeout)
+
+    async def _echo(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stopping: asyncio.Event,
+        clients: dict[asyncio.Task[None], bool],
+        task: asyncio.Task[None],
+    ) -> None:
+        answered = False
+        while not (stopping.is_set() and answered):
+            clients[task] = answered  # from now on a stop may cancel us
+            data = await asyncio.wait_for(reader.read(65536), self.request_timeout)
+            clients[task] = False
+            if not data:
+                return
+            writer.write(data)
+            await writer.drain()
+            answered = True

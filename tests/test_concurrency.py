@@ -1,0 +1,173 @@
+"""More connections than workers: handler threads in each worker, and asyncio workers.
+
+The proof of concurrency is not a duration: 200 clients connect to 2 workers and every
+one of them gets its first answer while all 200 connections are still open, which a
+worker serving one connection at a time could never do.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Proc, is_alive, wait_for, wait_workers
+
+ECHO = [sys.executable, "-m", "examples.echo"]
+CLI = [sys.executable, "-m", "prefork_server.cli"]
+CLIENTS = 200
+
+
+def hold_many(port: int, clients: int = CLIENTS) -> list[bool]:
+    """Open ``clients`` connections; each sends a message and waits for its echo while
+    every other connection stays open; then each sends a second one. True per client
+    whose two echoes came back right."""
+    first_answers = threading.Barrier(clients + 1, timeout=30)
+    results = [False] * clients
+
+    def client(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            first = f"first {i}\n".encode()
+            s.sendall(first)
+            ok = recv_exactly(s, len(first)) == first
+            try:
+                first_answers.wait()  # nobody closes before everybody was answered
+            except threading.BrokenBarrierError:
+                return
+            second = f"second {i}\n".encode()
+            s.sendall(second)
+            results[i] = ok and recv_exactly(s, len(second)) == second
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        first_answers.wait()
+    except threading.BrokenBarrierError:
+        pytest.fail("not every client got its first answer while all were connected")
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def run(spawn: Callable[..., Proc]) -> Callable[..., Proc]:
+    def _run(*argv: str, cwd: Path = REPO) -> Proc:
+        return spawn(list(argv), cwd=cwd)
+
+    return _run
+
+
+@pytest.mark.parametrize("mode", [["--threads", "128"], ["--asyncio"]], ids=["threads", "asyncio"])
+def test_two_workers_serve_200_clients_at_once(run, mode: list[str]) -> None:
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "2", *mode)
+    port = proc.port()
+    wait_workers(proc.pid, 2)
+    results = hold_many(port)
+    assert all(results), f"{results.count(False)} clients failed"
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_without_threads_two_workers_cannot_hold_200_clients(run) -> None:
+    """The control: the same clients against plain workers break the barrier."""
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "2")
+    port = proc.port()
+    wait_workers(proc.pid, 2)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        for s in socks:
+            s.sendall(b"x")
+        answered = []
+        for s in socks:
+            s.settimeout(1.0)  # the two held workers answer at once; the third never does
+            try:
+                answered.append(s.recv(1) == b"x")
+            except TimeoutError:
+                answered.append(False)
+        assert answered.count(True) == 2, "a third client waits while two hold the workers"
+    finally:
+        for s in socks:
+            s.close()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+
+
+STUCK_APP = """\
+import socketserver, time
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        if line.startswith(b"stuck"):
+            self.wfile.write(b"stuck\\n")
+            time.sleep(3600)
+        self.wfile.write(line)
+"""
+
+
+def test_a_worker_whose_threads_are_all_stuck_is_killed(run, tmp_path: Path) -> None:
+    (tmp_path / "stuckapp.py").write_text(STUCK_APP)
+    proc = run(*CLI, "--bind", "127.0.0.1:0", "--workers", "1", "--threads", "2",
+               "--timeout", "1", "stuckapp:Handler", cwd=tmp_path)  # fmt: skip
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+
+    def stick() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"stuck\n")
+        assert s.makefile("rb").readline() == b"stuck\n"
+        return s
+
+    first = stick()
+    # One thread of two stuck: the worker still has room, heartbeats, and answers.
+    for i in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"ping %d\n" % i)
+            assert s.makefile("rb").readline() == b"ping %d\n" % i
+    proc.wait_output(r"spawned worker\[0\]")
+    assert is_alive(worker)
+    second = stick()  # now every thread is stuck: no more heartbeat
+    proc.wait_output(rf"worker\[0\] \(pid {worker}\) missed its heartbeat", timeout=15)
+    wait_for(lambda: not is_alive(worker), what="the stuck worker to be killed")
+    for s in (first, second):
+        assert s.recv(10) == b"", "its connections die with it"
+        s.close()
+    (replacement,) = wait_workers(proc.pid, 1)
+    assert replacement != worker
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"after\n")
+        assert s.makefile("rb").readline() == b"after\n"
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("mode", [["--threads", "8"], ["--asyncio"]], ids=["threads", "asyncio"])
+def test_quit_answers_what_each_connection_was_sent(run, mode: list[str]) -> None:
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "1", *mode)
+    port = proc.port()
+    wait_workers(proc.pid, 1)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    for i, s in enumerate(socks):
+        s.sendall(b"hello %d" % i)
+        assert recv_exactly(s, 7) == b"hello %d" % i
+    proc.signal(signal.SIGQUIT)
+    for s in socks:
+        assert s.recv(10) == b"", "an idle connection is closed by a graceful stop"
+        s.close()
+    assert proc.wait(30) == 0
