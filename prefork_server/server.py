@@ -334,6 +334,17 @@ class PreforkMixIn(socketserver.BaseServer):
         master kills the worker after ``timeout`` unless something else stamps it."""
         return True
 
+    def clients_waiting(self) -> bool:
+        """True if connections wait in the listening socket's queue (one ``poll`` call).
+
+        A handler that keeps a connection open between requests (HTTP keep-alive) may
+        check this when the connection goes idle and close it, so that its worker serves
+        a client that waits rather than one that might send again: with more clients than
+        workers, every client gets served."""
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        return bool(poller.poll(0))
+
     def wake_worker_loop(self) -> None:
         """Make the worker's main loop look at :meth:`ready_to_accept` again; safe from
         any thread of a worker."""

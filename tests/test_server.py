@@ -528,3 +528,22 @@ def test_process_titles_show_each_workers_state(app) -> None:
     stuck.close()
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0
+
+
+def test_clients_waiting_tells_a_handler_that_another_client_queues(app) -> None:
+    proc = app("--workers", "1", "--timeout", "30")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    holder = connect(port)
+    holder.sendall(b"hold\n")
+    lines = holder.makefile("rb")
+    assert lines.readline() == f"holding {worker}\n".encode()
+    holder.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # nobody waits yet: the handler keeps the worker
+        holder.recv(1)
+    holder.settimeout(10)
+    assert ask_pid(port) == worker, "the queued client is served once the holder yields"
+    assert lines.readline() == f"yielded {worker}\n".encode()
+    holder.close()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0

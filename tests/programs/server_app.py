@@ -57,6 +57,11 @@ class Ctl(socketserver.StreamRequestHandler):
             time.sleep(float(args[0]))
             self.say(f"slept {pid}")
             self.wfile.write(b"x" * int(args[1]))
+        elif command == "hold":  # keep the worker until another client waits
+            self.say(f"holding {pid}")
+            while not self.server.clients_waiting():  # type: ignore[attr-defined]
+                time.sleep(0.01)
+            self.say(f"yielded {pid}")
         elif command == "stuck":
             self.say(f"stuck {pid}")
             time.sleep(3600)
