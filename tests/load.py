@@ -15,6 +15,8 @@ reason kept), and two outcomes that only the options below produce:
   the connection (RST, via ``SO_LINGER`` 0), as a client that gives up mid-request;
   it counts as *aborted*.
 
+:class:`HTTPLoad`: the same, with ``GET`` requests for an HTTP server.
+
 :class:`PersistentEchoLoad`: each thread keeps one connection open and sends message
 after message on it. A connection that the server closes between two requests (no byte
 of the answer came back) is reopened and the request sent again, counted as a
@@ -45,6 +47,7 @@ class LoadResult:
     unaccepted: int = 0  # with a greeting: dropped before a worker took the connection
     aborted: int = 0  # reset on purpose by the client (abort_every)
     reconnects: int = 0  # persistent connections closed by the server between requests
+    max_latency: float = 0.0  # seconds, the slowest request from connect to its outcome
 
     def __str__(self) -> str:
         why = ", ".join(f"{k}: {n}" for k, n in self.reasons.most_common()) or "-"
@@ -150,9 +153,10 @@ class EchoLoad:
             self._tickets += 1
             return True
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, latency: float = 0.0) -> None:
         with self._lock:
             self.result.sent += 1
+            self.result.max_latency = max(self.result.max_latency, latency)
             if outcome in ("answered", "refused", "unaccepted", "aborted"):
                 setattr(self.result, outcome, getattr(self.result, outcome) + 1)
             else:
@@ -164,10 +168,12 @@ class EchoLoad:
         while self._more():
             n += 1
             message = f"{index}:{n}:".encode() + os.urandom(16).hex().encode() + b"\n"
+            start = time.monotonic()
             if self.abort_every and n % self.abort_every == 0:
-                self._count(self._abort(message))
+                outcome = self._abort(message)
             else:
-                self._count(self._one(message))
+                outcome = self._one(message)
+            self._count(outcome, time.monotonic() - start)
 
     def _one(self, message: bytes) -> str:
         expected = self.greeting + message
@@ -215,6 +221,49 @@ class EchoLoad:
         return "aborted"
 
 
+class HTTPLoad(EchoLoad):
+    """Like :class:`EchoLoad`, but each request is ``GET path`` with ``Connection: close``
+    on a fresh connection; answered means status 200 and a body ending with ``expect``."""
+
+    def __init__(
+        self,
+        address: tuple[str, int] | str,
+        concurrency: int = 4,
+        max_seconds: float = 60.0,
+        timeout: float = 10.0,
+        *,
+        path: str = "/",
+        expect: bytes = b"",
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(address, concurrency, max_seconds, timeout, limit=limit)
+        self.request = f"GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n".encode()
+        self.expect = expect
+
+    def _one(self, message: bytes) -> str:
+        got = b""
+        try:
+            with socket.socket(self._family(), socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                try:
+                    s.connect(self.address)
+                except ConnectionRefusedError:
+                    return "refused"
+                s.sendall(self.request)
+                while chunk := s.recv(65536):
+                    got += chunk
+        except OSError as e:
+            return type(e).__name__
+        if not got:
+            return "closed without a response"
+        status = got.split(b"\r\n", 1)[0]
+        if not status.startswith(b"HTTP/1.1 "):
+            return "not an HTTP response"
+        if not status.startswith(b"HTTP/1.1 200 "):
+            return status[9:12].decode("latin-1", "replace")
+        return "answered" if got.endswith(self.expect) else "wrong answer"
+
+
 class PersistentEchoLoad(EchoLoad):
     """Like :class:`EchoLoad`, but each thread sends its messages over one connection,
     reopened only when the server closes it. Use no more threads than the server has
@@ -238,6 +287,7 @@ class PersistentEchoLoad(EchoLoad):
             while self._more():
                 n += 1
                 message = f"{index}:{n}:".encode() + os.urandom(16).hex().encode() + b"\n"
+                start = time.monotonic()
                 for _ in range(3):  # a request is retried on a fresh connection, twice
                     fresh = sock is None
                     if sock is None:
@@ -266,7 +316,7 @@ class PersistentEchoLoad(EchoLoad):
                 if outcome != "answered" and sock is not None:
                     sock.close()
                     sock = None
-                self._count(outcome)
+                self._count(outcome, time.monotonic() - start)
         finally:
             if sock is not None:
                 sock.close()

@@ -15,6 +15,8 @@ from load import LoadResult
 
 ECHO = [sys.executable, "-m", "examples.echo"]
 CLI = [sys.executable, "-m", "prefork_server.cli"]
+HTTP = [sys.executable, "-m", "examples.http"]
+HELLO = b"Hello, world!\n"  # what the HTTP example's demo application answers on /
 
 # A handler module for tests to write into their directory: the echo example, except that
 # a message starting with "hang" hangs the handler without a heartbeat.
@@ -72,6 +74,15 @@ def start_echo(
     if bind.startswith("unix:"):
         proc.wait_output("listening on unix:")
         return proc, bind[len("unix:") :], wait_workers(proc.pid, workers)  # type: ignore[return-value]
+    address = ("127.0.0.1", proc.port())
+    return proc, address, wait_workers(proc.pid, workers)
+
+
+def start_http(
+    spawn: Callable[..., Proc], *args: str, workers: int = 2
+) -> tuple[Proc, tuple[str, int], list[int]]:
+    """``python -m examples.http`` (the demo application) on a free loopback port."""
+    proc = spawn([*HTTP, "--bind", "127.0.0.1:0", "--workers", str(workers), *args], cwd=REPO)
     address = ("127.0.0.1", proc.port())
     return proc, address, wait_workers(proc.pid, workers)
 
