@@ -424,21 +424,40 @@ def test_limits_431_and_413(serve) -> None:
     server.assert_clean_log()
 
 
-def test_a_stalled_half_header_is_dropped_and_others_are_served(serve) -> None:
-    server = serve("--read-timeout", "1", workers=1)
+def test_slow_and_silent_clients_give_way_to_waiting_ones(serve) -> None:
+    # One worker, a long read timeout: without --busy-read-timeout the client behind the
+    # slow and the silent connection would wait a minute.
+    server = serve("--read-timeout", "30", "--busy-read-timeout", "0.5", workers=1)
     with server.connect() as slow, server.connect() as silent:
         slow.sendall(b"GET /hello HTTP/1.1\r\nHo")  # and nothing more
         started = time.monotonic()
-        status, _, body = server.get("/hello")  # one worker: served once it is free
+        status, _, body = server.get("/hello")
         assert (status, body) == (200, b"hello")
-        f = slow.makefile("rb")
-        r = read_response(f)
+        assert time.monotonic() - started < 8
+        r = read_response(slow.makefile("rb"))
         assert (r.status, r.headers["connection"]) == (408, "close")
         assert at_eof(slow)
         assert at_eof(silent)  # connected, sent nothing: closed without a word
-        assert time.monotonic() - started < 8
-    server.proc.wait_output(r"408 for 127\.0\.0\.1:\d+: timed out reading the request head")
+    server.proc.wait_output(
+        r"408 for 127\.0\.0\.1:\d+: timed out reading the request head "
+        r"\(another client was waiting\)"
+    )
     server.assert_workers_unchanged()
+    server.assert_clean_log()
+
+
+def test_alone_a_slow_client_gets_the_whole_read_timeout(serve) -> None:
+    server = serve("--read-timeout", "1.5", "--busy-read-timeout", "0.2", workers=1)
+    with server.connect() as slow:
+        slow.sendall(b"GET /hello HTTP/1.1\r\nHo")
+        time.sleep(0.8)  # the scenario: slower than busy-read-timeout, nobody waiting
+        slow.sendall(b"st: x\r\n\r\n")
+        r = read_response(slow.makefile("rb"))
+        assert (r.status, r.body) == (200, b"hello")
+    with server.connect() as silent:
+        connected = time.monotonic()
+        assert at_eof(silent)  # nothing sent: closed after the read timeout
+        assert 1.3 <= time.monotonic() - connected < 6
     server.assert_clean_log()
 
 

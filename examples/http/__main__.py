@@ -54,6 +54,14 @@ def parser() -> argparse.ArgumentParser:
         f"{DEFAULTS.read_timeout:g})",
     )
     http.add_argument(
+        "--busy-read-timeout",
+        type=float,
+        default=DEFAULTS.busy_read_timeout,
+        metavar="SECONDS",
+        help="the same for a request head while other clients wait for a worker, so that "
+        f"slow clients cannot hold every worker (default {DEFAULTS.busy_read_timeout:g})",
+    )
+    http.add_argument(
         "--keepalive-timeout",
         type=float,
         default=DEFAULTS.keepalive_timeout,
@@ -94,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_header_bytes=args.max_header_bytes,
             max_body_bytes=args.max_body_bytes,
             read_timeout=args.read_timeout,
+            busy_read_timeout=args.busy_read_timeout,
             keepalive_timeout=args.keepalive_timeout,
             keepalive_turn=args.keepalive_turn,
             access_log=args.access_log,

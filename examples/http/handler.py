@@ -114,6 +114,10 @@ class HTTPSettings:
       first byte (of the connection's start, for the first request); each wait for more
       body bytes, and for the client to take more of the response, is at most this long.
       Then the connection is closed (after a 408 if the head was incomplete).
+    - ``busy_read_timeout`` (1 s): while another client waits to be accepted, a request
+      head gets only this long instead of ``read_timeout``, so that slow or silent
+      clients (slowloris) cannot keep every worker from the clients behind them. Bodies
+      keep ``read_timeout``: a slow upload is not cut because the server is busy.
     - ``keepalive_timeout`` (5 s): how long an idle keep-alive connection is kept.
     - ``keepalive_turn`` (1): while another client waits to be accepted, a keep-alive
       connection is closed after this many requests (its response says
@@ -132,6 +136,7 @@ class HTTPSettings:
     max_header_bytes: int = 16384
     max_body_bytes: int = 10 * 1024 * 1024
     read_timeout: float = 10.0
+    busy_read_timeout: float = 1.0
     keepalive_timeout: float = 5.0
     keepalive_turn: int = 1
     keepalive_yield: float = 0.05
@@ -147,7 +152,7 @@ class HTTPSettings:
             raise ValueError(f"keepalive_turn must be >= 1, not {self.keepalive_turn}")
         if self.max_header_bytes < 64:
             raise ValueError(f"max_header_bytes must be >= 64, not {self.max_header_bytes}")
-        for name in ("read_timeout", "keepalive_timeout", "keepalive_yield"):
+        for name in ("read_timeout", "busy_read_timeout", "keepalive_timeout", "keepalive_yield"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, not {value!r}")
@@ -211,7 +216,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         pool = state["buffers"]
         self._buf: bytearray = pool.pop() if pool else bytearray(_RECV_SIZE)
         self._view = memoryview(self._buf)
-        self._queue_poll: Any = state["queue_poll"]
+        self._clients_waiting: Callable[[], bool] | None = state["clients_waiting"]
         self._eof = False
         self._sends = 0
         self._polls: dict[int, Any] = {}  # made when first needed: most requests never wait
@@ -221,21 +226,24 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._head_sent = False
         self._in_request = False
         self._served = 0  # requests on this connection
+        self._pending = False  # whether h11 has received bytes it has not parsed yet
+        self._why = ""  # why the last wait ended without data, for the log
 
     def _new_process_state(self) -> dict[str, Any]:
         worker = getattr(self.server, "worker", None)
         log = getattr(worker, "logger", None) or getattr(self.server, "logger", None)
         if log is None:
             log = logging.getLogger("examples.http")
-        listener = getattr(self.server, "socket", None) if worker is not None else None
-        queue_poll = None
-        if listener is not None:
-            queue_poll = select.poll()
-            queue_poll.register(listener, select.POLLIN)
+        # A prefork server tells whether clients wait in its accept queue; a plain
+        # socketserver (no worker) serves one client at a time anyway.
+        clients_waiting = getattr(self.server, "clients_waiting", None)
+        listener = getattr(self.server, "socket", None)
+        if worker is None or clients_waiting is None or listener is None:
+            clients_waiting = listener = None
         return {
             "buffers": [],
             "listener": listener,
-            "queue_poll": queue_poll,
+            "clients_waiting": clients_waiting,
             "handler": type(self),
             "log": log,
             "access": logging.getLogger(log.name + ".access"),
@@ -266,45 +274,55 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         conn = self._conn
         settings = self._settings
         idle = True  # no byte of this request seen yet
-        deadline = time.monotonic() + (
-            settings.read_timeout if first else settings.keepalive_timeout
-        )
+        # The first request's head is timed from the connection's start; a later one's
+        # from its first byte (before that, the keep-alive timeout applies).
+        now = time.monotonic()
+        deadline = now + (settings.read_timeout if first else settings.keepalive_timeout)
+        busy_deadline = now + settings.busy_read_timeout
         while True:
-            try:
-                event = conn.next_event()
-            except _RemoteProtocolError as e:
-                if self._eof:
-                    self._log.debug("client %s closed in the middle of a head", self._peer())
-                else:
-                    self._reject(e.error_status_hint, f"malformed request: {e}")
-                return None
-            if event is _NEED_DATA:
+            if self._pending:  # h11 holds bytes it has not parsed: maybe a whole head
+                try:
+                    event = conn.next_event()
+                except _RemoteProtocolError as e:
+                    if self._eof:
+                        self._log.debug("client %s closed in a request head", self._peer())
+                    else:
+                        self._reject(e.error_status_hint, f"malformed request: {e}")
+                    return None
+                if type(event) is _Request:
+                    version = event.http_version
+                    if version != b"1.1" and version != b"1.0":
+                        self._reject(505, f"HTTP/{version.decode('latin-1')} requested")
+                        return None
+                    return event
+                if event is not _NEED_DATA:
+                    return None  # ConnectionClosed
                 if idle and conn.trailing_data[0]:  # a partial head came with the last one
                     idle = False
-                    deadline = time.monotonic() + settings.read_timeout
-                if idle and not first and not self._wait_for_request(deadline):
+                    now = time.monotonic()
+                    deadline = now + settings.read_timeout
+                    busy_deadline = now + settings.busy_read_timeout
+            if idle and not first and not self._wait_for_request(deadline):
+                return None
+            if not self._receive(deadline, stop_when_asked=idle, busy_deadline=busy_deadline):
+                if not idle:
+                    self._reject(408, f"timed out reading the request head ({self._why})")
+                elif first:
+                    self._log.debug("client %s sent nothing (%s)", self._peer(), self._why)
+                return None
+            self._pending = True
+            if idle and not self._eof:
+                if self._buf[0] not in _REQUEST_START:
+                    # Not HTTP (a TLS handshake, a binary protocol): h11 would wait for a
+                    # line end that may never come. Say so at once.
+                    byte = self._buf[0]
+                    self._reject(400, f"not an HTTP request (first byte {byte:#04x})")
                     return None
-                if not self._receive(deadline, stop_when_asked=idle):
-                    if not idle:
-                        self._reject(408, "timed out reading the request head")
-                    return None
-                if idle and not self._eof:
-                    if self._buf[0] not in _REQUEST_START:
-                        # Not HTTP (a TLS handshake, a binary protocol): h11 would wait
-                        # for a line end that may never come. Say so at once.
-                        byte = self._buf[0]
-                        self._reject(400, f"not an HTTP request (first byte {byte:#04x})")
-                        return None
-                    idle = False
-                    deadline = time.monotonic() + settings.read_timeout
-                continue
-            if type(event) is _Request:
-                version = event.http_version
-                if version != b"1.1" and version != b"1.0":
-                    self._reject(505, f"HTTP/{version.decode('latin-1')} requested")
-                    return None
-                return event
-            return None  # ConnectionClosed
+                idle = False
+                if not first:
+                    now = time.monotonic()
+                    deadline = now + settings.read_timeout
+                    busy_deadline = now + settings.busy_read_timeout
 
     def _poller(self, kind: int) -> Any:
         """A poll object for the client socket: _POLLIN, _POLLOUT, or _IDLE (readable,
@@ -324,7 +342,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         timeout, on a graceful stop, and when another client needs the worker."""
         worker = self._worker
         readable = self._poller(_POLLIN)
-        if worker is None or self._queue_poll is None:
+        if worker is None or self._clients_waiting is None:
             return self._wait(readable, deadline, stop_when_asked=True)
         # First give the client a moment on its own, then watch the accept queue too.
         soon = min(deadline, time.monotonic() + self._settings.keepalive_yield)
@@ -332,21 +350,43 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             return True
         if not worker.heartbeat():
             return False
+        return self._wait_unless_clients_wait(deadline, stop_when_asked=True)
+
+    def _wait_for_head(self, deadline: float, busy_deadline: float, stop_when_asked: bool) -> bool:
+        """Wait for more of a request head: until ``deadline``, or only until
+        ``busy_deadline`` if by then another client waits to be accepted."""
+        readable = self._poller(_POLLIN)
+        if self._clients_waiting is None or busy_deadline >= deadline:
+            return self._wait(readable, deadline, stop_when_asked)
+        if self._wait(readable, busy_deadline, stop_when_asked):
+            return True
+        if self._why == "stopping":
+            return False
+        return self._wait_unless_clients_wait(deadline, stop_when_asked)
+
+    def _wait_unless_clients_wait(self, deadline: float, stop_when_asked: bool) -> bool:
+        """Wait until the client's socket is readable (True), or until the deadline, a
+        graceful stop (if ``stop_when_asked``) or a client waiting in the accept queue
+        (False; ``self._why`` says which)."""
+        worker = self._worker
+        assert worker is not None
         poller = self._poller(_IDLE)
         listener_fd = self._state["listener"].fileno()
         slice_s = worker.poll_interval
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._why = "timeout"
                 return False
             ready = poller.poll(_ms(min(remaining, slice_s)))
             if ready:
                 for fd, _ in ready:
                     if fd != listener_fd:
                         return True
-                self._log.debug("closing idle keep-alive %s: clients waiting", self._peer())
+                self._why = "another client was waiting"
                 return False
-            if not worker.heartbeat():
+            if not worker.heartbeat() and stop_when_asked:
+                self._why = "stopping"
                 return False
 
     def _wait(self, poller: Any, deadline: float, stop_when_asked: bool) -> bool:
@@ -357,22 +397,29 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._why = "timeout"
                 return False
             if poller.poll(_ms(min(remaining, slice_s))):
                 return True
             if worker is not None and not worker.heartbeat() and stop_when_asked:
+                self._why = "stopping"
                 return False
 
-    def _receive(self, deadline: float, stop_when_asked: bool = False) -> bool:
+    def _receive(
+        self, deadline: float, stop_when_asked: bool = False, busy_deadline: float = 0.0
+    ) -> bool:
         """Feed h11 the next bytes (or the EOF). False on timeout (or on a graceful stop,
-        if ``stop_when_asked``); True otherwise, with ``self._eof`` set when the client
-        closed its side."""
+        if ``stop_when_asked``; or, reading a head, at ``busy_deadline`` if another client
+        waits); True otherwise, with ``self._eof`` set when the client closed its side."""
         sock = self.request
         while True:
             try:
                 n = sock.recv_into(self._buf, _RECV_SIZE, _MSG_DONTWAIT)
             except BlockingIOError:
-                if not self._wait(self._poller(_POLLIN), deadline, stop_when_asked):
+                if busy_deadline:
+                    if not self._wait_for_head(deadline, busy_deadline, stop_when_asked):
+                        return False
+                elif not self._wait(self._poller(_POLLIN), deadline, stop_when_asked):
                     return False
                 continue
             except InterruptedError:
@@ -473,6 +520,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         for name, value in raw_headers:
             head_size += len(name) + len(value) + 4
         length = env.get("CONTENT_LENGTH")
+        # Without either header there is no body (RFC 9112 6.3): nothing to drain later.
+        self._has_body = length is not None or "HTTP_TRANSFER_ENCODING" in env
         if head_size > self._settings.max_header_bytes:
             self._reject(431, f"request head of about {head_size} bytes")
             ok = False
@@ -673,7 +722,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         """After a complete response on a kept connection: read what is left of the
         request body, then start a new h11.Connection with the bytes received beyond it.
         False if the connection must end after all."""
-        if not wsgi_input.drained():
+        if self._has_body and not wsgi_input.drained():
             try:
                 while wsgi_input.read(_RECV_SIZE):
                     pass
@@ -689,6 +738,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             conn.receive_data(data)
         if closed:
             conn.receive_data(b"")
+        self._pending = bool(data) or closed
         return True
 
     # -- the request body ---------------------------------------------------------------
@@ -787,8 +837,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
 
     def _others_waiting(self) -> bool:
         """True if a client waits in the accept queue (prefork servers only)."""
-        poller = self._queue_poll
-        return poller is not None and bool(poller.poll(0))
+        clients_waiting = self._clients_waiting
+        return clients_waiting is not None and clients_waiting()
 
     def _peer(self) -> str:
         address = self.client_address
