@@ -657,6 +657,23 @@ def test_unix_socket_bind(spawn, tmp_path: Path) -> None:
     assert env_seen["REMOTE_ADDR"] == ""
 
 
+def test_handler_threads_serve_concurrently_and_say_so(serve) -> None:
+    server = serve("--threads", "4", workers=1, app=None)
+    started = time.monotonic()
+    sockets = [server.connect() for _ in range(4)]
+    for s in sockets:
+        s.sendall(get("/sleep?ms=600", "Connection: close"))
+    for s in sockets:
+        r = read_response(s.makefile("rb"))
+        assert (r.status, r.body) == (200, b"slept 600 ms\n")
+        s.close()
+    assert time.monotonic() - started < 2.2, "four sleeps side by side, not one by one"
+    threaded = serve("--threads", "2", workers=1)
+    assert json.loads(threaded.get("/env")[2])["wsgi.multithread"] is True
+    server.assert_clean_log()
+    threaded.assert_clean_log()
+
+
 # -- the access log --------------------------------------------------------------------------
 
 
