@@ -168,7 +168,7 @@ def test_hostile_input_gets_well_formed_answers_and_kills_no_worker(spawn) -> No
                 for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
                     s.sendall(data[a:b])
                 s.shutdown(socket.SHUT_WR)
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:
                 pass  # the server answered and closed before we were done: allowed
             try:
                 while chunk := s.recv(65536):

@@ -131,6 +131,20 @@ def master_problems(master: int) -> list[str]:
     return problems
 
 
+def wait_idle(master: int, workers: list[int]) -> None:
+    """Wait until no worker holds a client's socket any more (the client has closed; the
+    handler may still be returning)."""
+    listener = {fd.object for fd in table(master).values() if fd.kind == "socket"}
+
+    def idle() -> bool:
+        return all(
+            {fd.object for fd in table(w).values() if fd.kind == "socket"} == listener
+            for w in workers
+        )
+
+    wait_for(idle, 5, what="the workers to close their connections")
+
+
 @pytest.mark.parametrize("mode", ["foreground", "daemon"])
 def test_workers_hold_only_the_descriptors_they_need(spawn, tmp_path: Path, mode: str) -> None:
     if mode == "foreground":
@@ -147,15 +161,7 @@ def test_workers_hold_only_the_descriptors_they_need(spawn, tmp_path: Path, mode
     # Every worker has served (and finished) a few connections.
     for _ in range(20):
         assert ask(address) == b"hello\n"
-    listener = {fd.object for fd in table(master).values() if fd.kind == "socket"}
-
-    def idle() -> bool:
-        return all(
-            {fd.object for fd in table(w).values() if fd.kind == "socket"} == listener
-            for w in workers
-        )
-
-    wait_for(idle, 5, what="the workers to close their connections")
+    wait_idle(master, workers)
     problems = {w: unneeded(w, master) for w in workers}
     problems[master] = master_problems(master)
     report(
@@ -187,6 +193,7 @@ def test_after_an_upgrade_nothing_of_the_old_master_is_held(spawn, tmp_path: Pat
     new_workers = wait_workers(new, 2)
     for _ in range(10):
         assert ask(address) == b"hello\n"
+    wait_idle(new, new_workers)
     old_fds = table(old.pid)
     old_objects = {fd.object for fd in old_fds.values() if fd.kind in ("pipe", "memfd")}
     problems = master_problems(new)
@@ -276,6 +283,9 @@ def test_workers_drop_privileges_before_any_request(spawn, tmp_path: Path) -> No
             s.sendall(b"who?")
             answers.add(s.recv(256).decode())
     expected = repr(((uid,) * 3, (gid,) * 3, groups))
+    for pid in workers:  # one of them may not have served yet, nor finished dropping
+        wait_for(lambda: proc_status(pid)["Uid"].split() == [str(uid)] * 4,  # noqa: B023
+                 5, what=f"worker {pid} to run as nobody")  # fmt: skip
     statuses = {pid: proc_status(pid) for pid in workers}
     master = proc_status(proc.pid)
     report(
@@ -301,8 +311,10 @@ def test_the_echo_example_imported_by_workers_as_nobody(spawn) -> None:
     """Without --preload each worker imports the handler after the drop, as nobody."""
     proc, address, workers = start_echo(spawn, "--user", "nobody", workers=2)
     assert ask(address) == b"hello\n"
-    for pid in workers:
-        assert proc_status(pid)["Uid"].split()[0] == str(pwd.getpwnam("nobody").pw_uid)
+    nobody = str(pwd.getpwnam("nobody").pw_uid)
+    for pid in workers:  # a worker drops its privileges right after the fork: just after
+        wait_for(lambda: proc_status(pid)["Uid"].split() == [nobody] * 4,  # noqa: B023
+                 5, what=f"worker {pid} to run as nobody")  # fmt: skip
     assert quit_and_wait(proc) == 0
 
 
