@@ -494,6 +494,11 @@ def test_keep_alive_timeout_closes_an_idle_connection(serve) -> None:
         assert at_eof(s)
         assert 0.4 <= time.monotonic() - idle_from < 5
     server.assert_clean_log()
+    off = serve("--keepalive-timeout", "0", workers=1)
+    with off.connect() as s:
+        (r,) = exchange(s, get("/hello"))
+        assert r.headers["connection"] == "close"
+        assert at_eof(s)
 
 
 def test_an_idle_keep_alive_outlives_the_worker_timeout_and_quit_ends_it(serve) -> None:

@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULTS.keepalive_timeout,
         metavar="SECONDS",
         help="close an idle keep-alive connection after this long; 0: no keep-alive "
-        f"wait (default {DEFAULTS.keepalive_timeout:g})",
+        f"(default {DEFAULTS.keepalive_timeout:g})",
     )
     http.add_argument(
         "--keepalive-turn",

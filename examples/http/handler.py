@@ -118,7 +118,8 @@ class HTTPSettings:
       head gets only this long instead of ``read_timeout``, so that slow or silent
       clients (slowloris) cannot keep every worker from the clients behind them. Bodies
       keep ``read_timeout``: a slow upload is not cut because the server is busy.
-    - ``keepalive_timeout`` (5 s): how long an idle keep-alive connection is kept.
+    - ``keepalive_timeout`` (5 s): how long an idle keep-alive connection is kept; 0
+      turns keep-alive off (every response says ``Connection: close``).
     - ``keepalive_turn`` (1): while another client waits to be accepted, a keep-alive
       connection is closed after this many requests (its response says
       ``Connection: close``). Alone, a client keeps its connection. Larger values trade
@@ -503,7 +504,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         else:
             connection = connection.lower()
             keep = "close" not in connection if http11 else "keep-alive" in connection
-        self._keep_alive = keep
+        self._keep_alive = keep and self._settings.keepalive_timeout > 0
         self._served += 1
         self._http11 = http11
         self._is_head = request.method == b"HEAD"
