@@ -124,8 +124,10 @@ class HTTPSettings:
       connection is closed after this many requests (its response says
       ``Connection: close``). Alone, a client keeps its connection. Larger values trade
       the waiting clients' latency for throughput.
-    - ``keepalive_yield`` (0.05 s): an idle keep-alive connection gives its worker up
-      after this long if another client is waiting to be accepted.
+    - ``keepalive_yield`` (0.5 s): an idle keep-alive connection gives its worker up
+      after this long if another client is waiting to be accepted. Closing an idle
+      connection races with a request the client may be sending (RFC 9112 9.6: clients
+      retry); waiting this long first makes that rare even on a loaded machine.
     - ``access_log`` (True): one line per request in the common log format, plus the
       duration in seconds, at info level on the ``<server logger>.access`` logger.
     - ``server_software`` (``"prefork-server"``): the ``Server`` header and
@@ -140,7 +142,7 @@ class HTTPSettings:
     busy_read_timeout: float = 1.0
     keepalive_timeout: float = 5.0
     keepalive_turn: int = 1
-    keepalive_yield: float = 0.05
+    keepalive_yield: float = 0.5
     access_log: bool = True
     server_software: str = SERVER_SOFTWARE
 
@@ -525,6 +527,11 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._has_body = length is not None or "HTTP_TRANSFER_ENCODING" in env
         if head_size > self._settings.max_header_bytes:
             self._reject(431, f"request head of about {head_size} bytes")
+            ok = False
+        elif length is not None and self._has_body and "HTTP_TRANSFER_ENCODING" in env:
+            # h11 would follow Transfer-Encoding; RFC 9112 6.1 calls the pair a likely
+            # request smuggling attempt, best refused.
+            self._reject(400, "both Content-Length and Transfer-Encoding")
             ok = False
         elif length and self._body_limit and int(length) > self._body_limit:
             self._reject(413, f"declared body of {length} bytes is over the limit")

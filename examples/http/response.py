@@ -9,7 +9,7 @@ tested:
 
 - the status is three digits, a space and a reason; header names are tokens; values and
   the reason hold no CR, LF or NUL (no response splitting);
-- the body's framing follows RFC 9112 6.3: no body for HEAD, 1xx, 204 and 304; the
+- the body's framing follows RFC 9112 6.3: no body for HEAD, 204 and 304; the
   application's ``Content-Length`` when it gave one (and the body is held to it: more is
   cut off, less ends the connection); chunked for an HTTP/1.1 client otherwise; for an
   HTTP/1.0 client the end of the connection;
@@ -42,7 +42,7 @@ __all__ = [
 LENGTH = 0  # Content-Length
 CHUNKED = 1  # Transfer-Encoding: chunked
 UNTIL_CLOSE = 2  # the end of the connection (HTTP/1.0 client, length unknown)
-NO_BODY = 3  # HEAD, 1xx, 204, 304: no body whatever the headers say
+NO_BODY = 3  # HEAD, 204, 304: no body whatever the headers say
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_TEXT = re.compile(r"[\x00\r\n]").search
@@ -124,8 +124,8 @@ def build_head(
     if not code_text.isdigit() or not code_text.isascii() or _BAD_TEXT(status):
         raise ResponseError(f"invalid status {status!r}")
     code = int(code_text)
-    if code < 100:
-        raise ResponseError(f"invalid status {status!r}")
+    if code < 200:  # 1xx are interim: the server sends 100 Continue itself, nothing else
+        raise ResponseError(f"an application cannot send an interim status: {status!r}")
     lines = ["HTTP/1.1 ", status, "\r\n"]
     declared = -1
     has_date = has_server = False
@@ -162,7 +162,7 @@ def build_head(
         lines += ("Date: ", date, "\r\n")
     if not has_server:
         lines += ("Server: ", server, "\r\n")
-    if code < 200 or code == 204 or code == 304:
+    if code == 204 or code == 304:
         framing, length = NO_BODY, 0
         if code == 304 and declared >= 0:
             lines.append(f"Content-Length: {declared}\r\n")  # the GET's length, allowed
