@@ -51,12 +51,16 @@ class PidFile:
         self.path = os.path.abspath(os.fspath(path))
 
     def read(self) -> int | None:
-        """The pid in the file, or None if there is no readable pid."""
+        """The pid in the file, or None if there is no file or no pid in it. Raises
+        :class:`PidFileError` if the path cannot be a pid file (a directory, a path
+        under a regular file, no permission)."""
         try:
             with open(self.path) as f:
                 return int(f.read().strip() or 0) or None
         except (FileNotFoundError, ValueError):
             return None
+        except OSError as e:
+            raise PidFileError(f"pid file {self.path}: {e.strerror}") from None
 
     def check(self, own_pid: int | None = None) -> None:
         """Raise :class:`PidFileError` if the file names a live process other than ours."""
@@ -84,9 +88,11 @@ class PidFile:
                 f.write(f"{pid}\n")
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise PidFileError(f"cannot write pid file {self.path}: {e.strerror}") from e
             raise
 
     def remove(self, pid: int | None = None) -> bool:
@@ -96,7 +102,10 @@ class PidFile:
         not delete it on its way out.
         """
         pid = os.getpid() if pid is None else pid
-        if self.read() != pid:
+        try:
+            if self.read() != pid:
+                return False
+        except PidFileError:
             return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -204,23 +213,39 @@ def redirect_stdio(stdout_path: str | None, stderr_path: str | None) -> None:
             os.close(new)
 
 
-def reopen_log_handlers(logger: logging.Logger) -> None:
-    """Reopen every file handler reachable from ``logger`` (after logrotate moved the file)."""
+def reopen_log_handlers(logger: logging.Logger) -> list[str]:
+    """Reopen every file handler reachable from ``logger`` (after logrotate moved the
+    file); return their paths. A handler whose file cannot be opened keeps its old stream
+    (so no line is lost), and the first such error is raised once all were tried."""
     seen: set[int] = set()
+    paths: list[str] = []
+    error: OSError | None = None
     current: logging.Logger | None = logger
     while current is not None:
         for handler in current.handlers:
             if id(handler) in seen or not isinstance(handler, logging.FileHandler):
                 continue
             seen.add(id(handler))
+            paths.append(handler.baseFilename)
             handler.acquire()
             try:
-                if handler.stream is not None:
-                    handler.stream.close()
-                handler.stream = handler._open()
+                new = handler._open()
+            except OSError as e:
+                error = error or e
+                continue
+            finally:
+                handler.release()
+            handler.acquire()
+            try:
+                old, handler.stream = handler.stream, new
+                if old is not None:
+                    old.close()
             finally:
                 handler.release()
         current = current.parent if current.propagate else None
+    if error is not None:
+        raise error
+    return paths
 
 
 def resolve_user(user: str | int | None, group: str | int | None) -> tuple[int, int] | None:

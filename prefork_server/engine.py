@@ -20,6 +20,7 @@ keeps the seed's defaults: log, stdout and stderr to ``./<app_name>.log``, pid f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -275,10 +276,12 @@ class Preforker:
         ids = resolve_user(self.options.user, self.options.group)
         if ids is not None:
             uid, gid = ids
-            hooks = dataclasses.replace(
-                hooks,
-                after_fork=_chain(lambda worker: drop_privileges(uid, gid), hooks.after_fork),
-            )
+
+            def drop(worker: Worker) -> None:
+                drop_privileges(uid, gid)
+                worker._arm_parent_death()
+
+            hooks = dataclasses.replace(hooks, after_fork=_chain(drop, hooks.after_fork))
         if hooks.on_reload is not None:
             hooks = dataclasses.replace(hooks, on_reload=self._checked_reload(hooks.on_reload))
         return hooks
@@ -311,9 +314,19 @@ class Preforker:
         opts = self.options
         redirect_stdio(_abspath(stdout_path), _abspath(stderr_path))
 
+        ids = resolve_user(opts.user, opts.group)
+        master_pid = os.getpid()
+
         def reopen_logs() -> None:
             redirect_stdio(_abspath(stdout_path), _abspath(stderr_path))
-            reopen_log_handlers(logger)
+            paths = reopen_log_handlers(logger)
+            if ids is not None and os.getpid() == master_pid:
+                # As Unicorn does: the files logrotate let us create are root's; the
+                # workers, which reopen them next, run as the configured user.
+                for path in {*paths, _abspath(stdout_path), _abspath(stderr_path)}:
+                    if path and os.path.isfile(path):
+                        with contextlib.suppress(OSError):
+                            os.chown(path, *ids)
 
         pid_file = PidFile(pid_path) if pid_path else None
         if pid_file is not None:

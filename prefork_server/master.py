@@ -455,7 +455,7 @@ class Master:
         else:
             try:
                 self._new_master = self._upgrader.start()
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # RuntimeError: PidFileError
                 self._log.error("master: cannot start a new master: %s", e)
 
     def _spawn(self, number: int, now: float) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .daemon import PidFile
+from .daemon import PidFile, PidFileError
 from .scoreboard import SlotState, SlotView, read_scoreboard
 
 __all__ = ["format_status", "main"]
@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--pid-file", required=True, help="the running master's pid file")
     args = parser.parse_args(argv)
-    pid = PidFile(args.pid_file).read()
+    try:
+        pid = PidFile(args.pid_file).read()
+    except PidFileError as e:
+        print(f"status: {e}", file=sys.stderr)
+        return 1
     if pid is None:
         print(f"status: no pid in {args.pid_file}", file=sys.stderr)
         return 1

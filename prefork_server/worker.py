@@ -135,7 +135,10 @@ class Worker:
         if self._reopen_requested:
             self._reopen_requested = False
             if self._reopen_logs is not None:
-                self._reopen_logs()
+                try:
+                    self._reopen_logs()
+                except OSError as e:  # the old files stay open: nothing is lost
+                    self.logger.warning("worker[%d] cannot reopen logs: %s", self.number, e)
         if self._set_title is not None and not self._alive and self._shown != "stopping":
             self._show_title("stopping")
         if self._alive and now >= self._next_parent_check:
@@ -234,8 +237,13 @@ class Worker:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
         for name in _IGNORED_IN_WORKER:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+        self._arm_parent_death()
+
+    def _arm_parent_death(self) -> None:
+        """(Again) ask the kernel for SIGTERM when the master dies. Linux forgets the
+        request when the process's credentials change, so a privilege drop re-arms it."""
         _set_parent_death_signal(signal.SIGTERM)
-        # The master may have died between fork and prctl: then no signal will come.
+        # The master may have died before the prctl: then no signal will come.
         if os.getppid() != self.master_pid:
             self._alive = False
 

@@ -130,12 +130,6 @@ def test_master_death_under_load_leaves_nothing_behind(spawn, tmp_path: Path) ->
             id="user-nobody",
             marks=[
                 pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root"),
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="PR_SET_PDEATHSIG is set before the privilege drop, and Linux "
-                    "clears it when the effective uid changes: a worker stuck in a handler "
-                    "outlives its master and keeps the port listening",
-                ),
             ],
         ),
     ],

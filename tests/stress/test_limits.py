@@ -83,11 +83,6 @@ def test_a_second_start_fails_clearly_and_leaves_the_running_server_alone(
     assert not pid_file.exists() and not sock_path.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PidFile.read() lets any OSError but FileNotFoundError out (NotADirectoryError, "
-    "IsADirectoryError, PermissionError), and serve() does not catch it: a traceback",
-)
 @pytest.mark.parametrize("where", ["under-a-file", "a-directory"])
 def test_an_unusable_pid_file_path_is_a_clear_error(spawn, tmp_path: Path, where: str) -> None:
     a_file = tmp_path / "a-file"
