@@ -449,7 +449,7 @@ def test_slow_and_silent_clients_give_way_to_waiting_ones(serve) -> None:
 
 
 def test_alone_a_slow_client_gets_the_whole_read_timeout(serve) -> None:
-    server = serve("--read-timeout", "1.5", "--busy-read-timeout", "0.2", workers=1)
+    server = serve("--read-timeout", "3", "--busy-read-timeout", "0.2", workers=1)
     with server.connect() as slow:
         slow.sendall(b"GET /hello HTTP/1.1\r\nHo")
         time.sleep(0.8)  # the scenario: slower than busy-read-timeout, nobody waiting
@@ -459,7 +459,7 @@ def test_alone_a_slow_client_gets_the_whole_read_timeout(serve) -> None:
     with server.connect() as silent:
         connected = time.monotonic()
         assert at_eof(silent)  # nothing sent: closed after the read timeout
-        assert 1.3 <= time.monotonic() - connected < 6
+        assert 2.8 <= time.monotonic() - connected < 10
     server.assert_clean_log()
 
 
@@ -521,15 +521,17 @@ def test_an_idle_keep_alive_outlives_the_worker_timeout_and_quit_ends_it(serve) 
     assert "missed its heartbeat" not in server.output() and "killed" not in server.output()
 
 
-def test_a_request_running_at_quit_is_finished_with_connection_close(serve) -> None:
-    server = serve("--timeout", "5", workers=1, app=None)
+def test_requests_under_way_at_quit_are_finished_the_last_with_connection_close(serve) -> None:
+    server = serve("--timeout", "5", workers=1)
     with server.connect() as s:
-        s.sendall(get("/sleep?ms=700"))
-        wait_for(lambda: "busy" in Path(f"/proc/{server.initial_workers[0]}/cmdline")
-                 .read_bytes().decode(errors="replace"), what="the worker to be busy")  # fmt: skip
+        s.sendall(get("/drip?n=4&ms=200") + get("/hello"))  # the second one pipelined
+        assert s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"  # the application runs
         server.proc.signal(signal.SIGQUIT)
-        r = read_response(s.makefile("rb"))
-        assert (r.status, r.body, r.headers["connection"]) == (200, b"slept 700 ms\n", "close")
+        f = s.makefile("rb")
+        drip = read_response(f)
+        assert drip.body == b"drop 0\ndrop 1\ndrop 2\ndrop 3\n", "finished, not cut"
+        hello = read_response(f)
+        assert (hello.body, hello.headers["connection"]) == (b"hello", "close")
         assert at_eof(s)
     assert server.proc.wait() == 0
 

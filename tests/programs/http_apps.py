@@ -14,6 +14,7 @@ Routes:
 - ``/write``: the start_response ``write()`` callable, then an iterable (validated)
 - ``/gen?n=N&size=S``: N chunks of S bytes from a generator, no Content-Length
   (validated)
+- ``/drip?n=N&ms=M``: N chunks ``drop <i>\n``, M ms apart (validated)
 - ``/closes``: how many iterables this worker has closed so far (one per response)
 - ``/raise``: raises before start_response
 - ``/raise-late``: raises after the first chunk went out
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
@@ -111,6 +113,21 @@ def gen(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     return Closing(chunks())
 
 
+def drip(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    query = parse_qs(environ["QUERY_STRING"])
+    n = int(query.get("n", ["3"])[0])
+    pause = int(query.get("ms", ["100"])[0]) / 1000
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(n):
+            if i:
+                time.sleep(pause)
+            yield b"drop %d\n" % i
+
+    return Closing(chunks())
+
+
 def closes(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     body = str(CLOSED).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
@@ -170,6 +187,7 @@ VALIDATED = {
     "/lines": lines,
     "/write": write,
     "/gen": gen,
+    "/drip": drip,
     "/ignore-body": ignore_body,
     "/pid": pid,
     "/no-content": no_content,
