@@ -9,8 +9,10 @@ Both servers serve the same hello-world WSGI application (``bench/hello_app.py``
 same number of workers, on loopback. For each connection count and each of keep-alive and
 ``Connection: close`` (``wrk -H 'Connection: close'``), wrk runs against one server and then
 the other, alternating which goes first, for several rounds; the table shows the medians
-of requests/s and of wrk's p50 and p99 latency, and the ratio of requests/s. Machines are
-noisy: compare the ratio of one run, not absolute figures across runs.
+of requests/s, of wrk's p50 and p99 latency and of the workers' CPU time per request (from
+/proc: the figure least disturbed by other load on the machine), and the ratio of
+requests/s. Machines are noisy: compare the ratios of one run, not absolute figures
+across runs.
 
 Needs ``wrk`` and ``gunicorn`` (``pip install gunicorn``: a benchmark-only dependency).
 Every process started here is ended by its pid (masters first, then any worker left).
@@ -46,6 +48,8 @@ class Sample:
     p50_us: float
     p99_us: float
     errors: int  # socket errors (connect, read, write, timeout) plus non-2xx responses
+    requests: int = 0
+    cpu_us: float = 0.0  # the workers' CPU time (user + system) per request
 
 
 @dataclass
@@ -77,6 +81,22 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
             found.append(int(entry))
     return found
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far (from /proc; gone processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
 
 
 def wait_until_serving(server: Server, timeout: float = 20.0) -> None:
@@ -155,6 +175,7 @@ def _micros(text: str) -> float:
 def parse_wrk(out: str) -> Sample:
     """Requests/s, p50 and p99 (microseconds) and error count from ``wrk --latency``."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _micros(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _micros(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = 0
@@ -164,10 +185,11 @@ def parse_wrk(out: str) -> Sample:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))
-    return Sample(rps, p50, p99, errors)
+    return Sample(rps, p50, p99, errors, requests)
 
 
 def run_wrk(port: int, mode: str, connections: int, duration: float, threads: int) -> Sample:
+    """One wrk run against ``127.0.0.1:port``."""
     argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration:g}s",
             "--latency", "--timeout", "5s"]  # fmt: skip
     if mode == "close":
@@ -210,16 +232,17 @@ def report(ours: Server, theirs: Server, scenarios: list[tuple[str, int]], markd
                 statistics.median(s.p50_us for s in samples),
                 statistics.median(s.p99_us for s in samples),
                 sum(s.errors for s in samples),
+                statistics.median(s.cpu_us for s in samples),
             )
             for name, samples in ((ours.name, a), (theirs.name, b))
         }
-        (ra, pa50, pa99, ea), (rb, pb50, pb99, eb) = med[ours.name], med[theirs.name]
+        (ra, pa50, pa99, ea, ca), (rb, pb50, pb99, eb, cb) = med[ours.name], med[theirs.name]
         label = "keep-alive" if mode == "keep-alive" else "Connection: close"
         rows.append([label, str(conns), f"{ra:,.0f}", _fmt_us(pa50), _fmt_us(pa99), str(ea),
-                     f"{rb:,.0f}", _fmt_us(pb50), _fmt_us(pb99), str(eb),
-                     f"{ra / rb:.2f}x"])  # fmt: skip
-    header = ["mode", "conns", "ours req/s", "p50", "p99", "errors",
-              "gunicorn req/s", "p50", "p99", "errors", "ratio"]  # fmt: skip
+                     f"{ca:.0f} us", f"{rb:,.0f}", _fmt_us(pb50), _fmt_us(pb99), str(eb),
+                     f"{cb:.0f} us", f"{ra / rb:.2f}x"])  # fmt: skip
+    header = ["mode", "conns", "ours req/s", "p50", "p99", "errors", "CPU/req",
+              "gunicorn req/s", "p50", "p99", "errors", "CPU/req", "ratio"]  # fmt: skip
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -283,11 +306,17 @@ def main(argv: list[str] | None = None) -> int:
             for mode, conns in scenarios:
                 order = [ours, theirs] if (rnd + conns) % 2 == 0 else [theirs, ours]
                 for server in order:
+                    assert server.proc is not None
+                    workers = children(server.proc.pid)
+                    cpu_before = cpu_seconds(workers)
                     sample = run_wrk(server.port, mode, conns, args.duration, args.threads)
+                    used = cpu_seconds(workers) - cpu_before
+                    sample.cpu_us = used * 1e6 / max(sample.requests, 1)
                     server.samples.setdefault((mode, conns), []).append(sample)
                     print(f"  round {rnd + 1} {mode:10} c={conns:<4} {server.name:14} "
                           f"{sample.rps:>10,.0f} req/s  p50 {_fmt_us(sample.p50_us):>9}  "
-                          f"p99 {_fmt_us(sample.p99_us):>9}  errors {sample.errors}",
+                          f"p99 {_fmt_us(sample.p99_us):>9}  errors {sample.errors}  "
+                          f"worker CPU {sample.cpu_us:.0f} us/req",
                           flush=True)  # fmt: skip
     print()
     print(report(ours, theirs, scenarios, args.markdown))
