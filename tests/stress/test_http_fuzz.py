@@ -3,9 +3,12 @@ over a real socket. Requests are generated well-formed, then mutated (bytes inse
 replaced by NUL, CR, LF and the like, deleted, repeated; truncated; huge headers; bad
 chunk sizes; bad Content-Lengths), followed by a pipelined request or garbage, and sent in
 random pieces before a half-close. Every answer must read, with h11 as the client, as zero
-or more complete HTTP responses followed by a clean close; a request that h11 (as the
-server) reads whole or finds malformed must get at least one response; no answer is a 500;
-no worker dies; the next good request is answered; nothing is logged as an error.
+or more complete HTTP responses followed by a clean close (the last one may be cut short
+only if it was streamed while the application read a request body that h11 finds
+malformed or truncated: the response had begun, and closing is how HTTP says it failed);
+a request that h11 (as the server) reads whole or finds malformed must get at least one
+response; no answer is a 500; no worker dies; the next good request is answered; nothing
+is logged as an error.
 
 The inputs are derandomized: every run sends the same ones, so CI cannot flake on a new
 draw; raise ``EXAMPLES`` (or drop ``derandomize``) to explore further.
@@ -112,15 +115,18 @@ def hostile(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     return data, cuts
 
 
-def responses(data: bytes) -> list[int]:
-    """The status codes in what the server sent, read with h11 as the client: zero or more
-    complete responses, then the end of the connection. Raises AssertionError otherwise."""
+def responses(data: bytes) -> tuple[list[int], bool]:
+    """The status codes in what the server sent, read with h11 as the client, and whether
+    the last response was cut short: zero or more complete responses, then the end of the
+    connection, except that the connection may end inside the body of a streamed
+    (chunked) last response. Raises AssertionError for anything else."""
     if not data:
-        return []  # a clean close without a word
+        return [], False  # a clean close without a word
     conn = h11.Connection(h11.CLIENT)
     conn.receive_data(data)
     conn.receive_data(b"")
     statuses: list[int] = []
+    streamed = False
     try:
         while True:
             if conn.our_state is h11.IDLE:
@@ -130,30 +136,69 @@ def responses(data: bytes) -> list[int]:
             event = conn.next_event()
             if isinstance(event, h11.Response):
                 statuses.append(event.status_code)
+                streamed = (b"transfer-encoding", b"chunked") in list(event.headers)
             elif isinstance(event, h11.EndOfMessage):
+                streamed = False
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     if not conn.trailing_data[0]:
-                        return statuses  # the connection ended after a whole response
+                        return statuses, False  # the connection ended after a whole response
                     conn.start_next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
-                return statuses
+                return statuses, False
             elif event is h11.NEED_DATA:
                 raise AssertionError("the connection ended inside a response")
     except h11.RemoteProtocolError as e:
+        if streamed and "incomplete chunked read" in str(e):
+            return statuses, True
         raise AssertionError(f"not well-formed HTTP ({e}): {data[:500]!r}") from None
 
 
+def bad_body(data: bytes) -> bool:
+    """Whether h11, as the server, finds a request in ``data`` whose head is fine but whose
+    body is malformed or cut short by the end of the connection. An application that
+    streams its answer while it reads the body (the demo's ``/echo`` with a chunked body)
+    has begun its response by then: ending the connection is the only honest way left to
+    say that the response is incomplete (RFC 9112, 7.1)."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    in_body = False
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                in_body = True
+            elif isinstance(event, h11.EndOfMessage):
+                in_body = False
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                conn.send(h11.EndOfMessage())
+                conn.start_next_cycle()
+            elif not isinstance(event, h11.Data):
+                return False  # the end of the data, or a head that never completed
+    except (h11.RemoteProtocolError, h11.LocalProtocolError):
+        return in_body
+
+
 def must_answer(data: bytes) -> bool:
-    """Whether h11, as a server with our default head limit, either reads a whole request
-    from the start of ``data`` or finds it malformed before the end: then the server owes
-    the client a response. (A head cut short by the end of the connection may be closed
-    without a word.)"""
+    """Whether the server owes the client a response for ``data`` (followed by the end of
+    the connection), judged by h11 as the server with our default head limit: yes if the
+    first head is malformed before the end, or arrives whole with a body that is complete
+    or malformed; no if the head is cut short, or the body is cut short by the end of the
+    connection (the client left before it finished its request)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
     conn.receive_data(data)
     try:
-        return isinstance(conn.next_event(), h11.Request)
+        if not isinstance(conn.next_event(), h11.Request):
+            return False  # the head is not complete before the end
     except h11.RemoteProtocolError:
         return True
+    conn.receive_data(b"")
+    try:
+        while isinstance(conn.next_event(), h11.Data):
+            pass
+    except h11.RemoteProtocolError as e:
+        return "without sending complete message body" not in str(e)
+    return True
 
 
 def test_hostile_input_gets_well_formed_answers_and_kills_no_worker(spawn) -> None:
@@ -187,10 +232,11 @@ def test_hostile_input_gets_well_formed_answers_and_kills_no_worker(spawn) -> No
     @hypothesis.given(hostile())
     def check(case: tuple[bytes, list[int]]) -> None:
         data, cuts = case
-        statuses = responses(exchange(data, cuts))
+        statuses, cut = responses(exchange(data, cuts))
         assert statuses or not must_answer(data), f"no response to {data[:300]!r}"
+        assert not cut or bad_body(data), f"a response cut short for {data[:300]!r}"
         assert 500 not in statuses, f"a server error for {data[:300]!r}"
-        key = ",".join(map(str, statuses)) or "closed"
+        key = ",".join(map(str, statuses)) + ("-cut" if cut else "") or "closed"
         seen[key] = seen.get(key, 0) + 1
         assert proc.workers() == pids, f"a worker died on {data[:300]!r}"
         good = exchange(b"GET / HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n", [])
