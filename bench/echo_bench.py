@@ -28,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from echo_load import (
     BENCH,
     REPO,
     Server,
+    children_of,
+    cpu_seconds,
     exit_on_sigterm,
     fmt_us,
     machine,
@@ -57,6 +60,7 @@ class Sample:
     failed: int
     server_cpu_us: float  # per round trip
     client_cpu_us: float  # per round trip
+    busiest: float  # the busiest worker's share of the workers' CPU (NaN: no fixed workers)
 
 
 @dataclass
@@ -95,14 +99,19 @@ def measure(contender: Contender, connections: int, duration: float) -> Sample:
     assert server.proc is not None
     pid = server.proc.pid
     cpu: list[float] = []
-    result = run_load(
-        server.port,
-        connections,
-        duration,
-        on_start=lambda: cpu.append(session_cpu(pid)),
-        on_stop=lambda: cpu.append(session_cpu(pid)),
-    )
+    workers: list[dict[int, float]] = []
+
+    def snapshot() -> None:
+        cpu.append(session_cpu(pid))
+        workers.append({w: cpu_seconds(w) for w in children_of(pid)})
+
+    result = run_load(server.port, connections, duration, on_start=snapshot, on_stop=snapshot)
     rts = max(1, result.round_trips)
+    busiest = float("nan")
+    if len(workers[0]) >= 2 and workers[0].keys() == workers[1].keys():
+        used = [workers[1][w] - workers[0][w] for w in workers[0]]
+        if sum(used) > 0:
+            busiest = max(used) / sum(used)
     sample = Sample(
         rate=result.rate,
         p50_us=result.percentile(50),
@@ -111,15 +120,22 @@ def measure(contender: Contender, connections: int, duration: float) -> Sample:
         failed=result.failed,
         server_cpu_us=(cpu[1] - cpu[0]) / rts * 1e6,
         client_cpu_us=result.client_cpu_per_rt(),
+        busiest=busiest,
     )
     contender.samples.setdefault(connections, []).append(sample)
     time.sleep(0.2)  # let the server drain what the client left (queued connections)
     return sample
 
 
+def median(values: Iterable[float]) -> float:
+    """The median of the values that are numbers (NaN if none is)."""
+    numbers = [v for v in values if v == v]
+    return statistics.median(numbers) if numbers else float("nan")
+
+
 def report(all_: list[Contender], conns: list[int], markdown: bool) -> str:
     header = ["C", "server", "served", "round trips/s", "p50", "p99", "server CPU/rt",
-              "client CPU/rt", "rt/s vs floor", "CPU/rt vs floor"]  # fmt: skip
+              "client CPU/rt", "busiest worker", "rt/s vs floor", "CPU/rt vs floor"]  # fmt: skip
     rows = []
     floor = next(c for c in all_ if c.name == FLOOR)
     for c in conns:
@@ -130,16 +146,19 @@ def report(all_: list[Contender], conns: list[int], markdown: bool) -> str:
             samples = contender.samples.get(c)
             if not samples:
                 continue
-            med = {
-                k: statistics.median(getattr(s, k) for s in samples) for k in Sample.__annotations__
-            }
+            med = {k: median(getattr(s, k) for s in samples) for k in Sample.__annotations__}
             rows.append([
                 str(c), contender.name, f"{med['served']:.0f}/{c}", f"{med['rate']:,.0f}",
                 fmt_us(med["p50_us"]), fmt_us(med["p99_us"]), f"{med['server_cpu_us']:.1f} us",
-                f"{med['client_cpu_us']:.1f} us", f"{med['rate'] / ref_rate:.2f}x",
+                f"{med['client_cpu_us']:.1f} us", percent(med["busiest"]),
+                f"{med['rate'] / ref_rate:.2f}x",
                 f"{med['server_cpu_us'] / ref_cpu:.2f}x",
             ])  # fmt: skip
     return table(header, rows, markdown, left=2)
+
+
+def percent(share: float) -> str:
+    return "-" if share != share else f"{share:.0%}"
 
 
 def serve_peer(kind: str, port: int) -> int:
