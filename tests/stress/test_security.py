@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -370,3 +371,48 @@ def _reopened_or_gone(workers: list[int]) -> bool:
         if is_alive(pid) and any(t.endswith("echo.log.1") for t in fds(pid).values()):
             return False
     return True
+
+
+STOPPER = """\
+import socketserver
+
+
+class Stopper(socketserver.BaseRequestHandler):
+    \"\"\"Stops the whole server from inside a request, as the README says a handler may.\"\"\"
+
+    def handle(self):
+        self.request.recv(16)
+        self.server.shutdown()
+        self.request.sendall(b"stopping")
+"""
+
+
+@needs_root
+@pytest.mark.xfail(
+    strict=True,
+    reason="PreforkMixIn.shutdown() in a worker sends SIGQUIT to the master with os.kill, "
+    "which a worker that dropped to another user may not do (EPERM): the PermissionError "
+    "fails the request and the server keeps running",
+)
+def test_shutdown_from_a_handler_after_a_privilege_drop_stops_the_server(
+    spawn, tmp_path: Path
+) -> None:
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    # --preload: tmp_path is not readable by nobody, so the master imports the handler.
+    proc = spawn([*CLI, "--bind", "127.0.0.1:0", "--workers", "1", "--user", "nobody",
+                  "--preload", "stopper:Stopper"])  # fmt: skip
+    address = ("127.0.0.1", proc.port())
+    (worker,) = wait_workers(proc.pid, 1)
+    wait_for(lambda: proc_status(worker)["Uid"].split()[0] != "0", 5, what="the drop")
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"stop")
+        answer = s.recv(16)
+    status: int | str = "not asked"
+    if answer == b"stopping":  # else the request failed: no use waiting for the master
+        try:
+            status = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            status = "still running"
+    report("security-shutdown-after-drop", answer=answer.decode() or "-", master=status)
+    assert answer == b"stopping", proc.output()
+    assert status == 0, proc.output()
