@@ -39,7 +39,16 @@ from .server import PreforkTCPServer, PreforkThreadingMixIn, PreforkUnixStreamSe
 from .sockets import BindAddress, adopt_fd, inherited_address, parse_bind
 from .worker import Worker
 
-__all__ = ["DEFAULTS", "build_parser", "load_target", "main", "resolve_settings", "serve"]
+__all__ = [
+    "DEFAULTS",
+    "ExtraSettings",
+    "Lazy",
+    "build_parser",
+    "load_target",
+    "main",
+    "resolve_settings",
+    "serve",
+]
 
 SIGNALS_HELP = """\
 signals (send them to the master's pid):
@@ -229,19 +238,29 @@ def build_parser(
     return parser
 
 
+#: A program's own settings: name -> (the types a config file may give, the default).
+ExtraSettings = Mapping[str, tuple[tuple[type, ...], Any]]
+
+
 def resolve_settings(
-    args: argparse.Namespace, defaults: Mapping[str, Any] | None = None
+    args: argparse.Namespace,
+    defaults: Mapping[str, Any] | None = None,
+    extra: ExtraSettings | None = None,
 ) -> dict[str, Any]:
     """Defaults, then ``--config``'s file, then the command line: every setting of
-    :data:`DEFAULTS` plus the file's hooks. Raises ``ValueError`` (or the config file's
-    own exception) for a bad file."""
+    :data:`DEFAULTS` and of ``extra`` (a program's own, such as the HTTP example's
+    limits: their command-line options must default to None), plus the file's hooks.
+    Raises ``ValueError`` (or the config file's own exception) for a bad file."""
+    extra = extra or {}
     settings = dict(DEFAULTS)
     settings["bind"] = getattr(args, "default_bind", DEFAULTS["bind"])
+    settings.update({name: default for name, (_, default) in extra.items()})
     settings.update(defaults or {})
     config_path = getattr(args, "config", None)
     if config_path:
-        settings.update(load_config(config_path))
-    for name in SETTINGS:
+        types = {name: kinds for name, (kinds, _) in extra.items()}
+        settings.update(load_config(config_path, types))
+    for name in (*SETTINGS, *extra):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
@@ -261,13 +280,32 @@ def load_target(spec: str) -> Any:
     return obj
 
 
-def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
-    """:func:`load_target`, checked to be a ``socketserver.BaseRequestHandler`` subclass
-    (``ValueError`` if not)."""
-    handler = load_target(spec)
-    if not (isinstance(handler, type) and issubclass(handler, socketserver.BaseRequestHandler)):
-        raise ValueError(f"{spec!r} is not a socketserver.BaseRequestHandler subclass")
-    return handler
+def _as_handler(target: Any, settings: Mapping[str, Any]) -> type[Any]:
+    if not (isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler)):
+        raise ValueError(f"{target!r} is not a socketserver.BaseRequestHandler subclass")
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """A handler that each worker builds after fork from ``module:attribute``, so that the
+    master never imports the code and a HUP starts workers running the code on disk.
+
+    ``build(target, settings)`` turns the imported object into a handler class (by
+    default it checks that the object is one); ``settings`` are those in force when the
+    worker is forked, so a program's own settings change on HUP as well. With
+    ``--preload`` the master builds it once instead.
+    """
+
+    spec: str
+    build: Callable[[Any, Mapping[str, Any]], type[Any]] = _as_handler
+
+    def load(self, settings: Mapping[str, Any]) -> type[Any]:
+        try:
+            target = load_target(self.spec)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load {self.spec!r}: {e}") from e
+        return self.build(target, settings)
 
 
 def check_in_child(load: Callable[[], object]) -> str | None:
@@ -319,38 +357,43 @@ class _LazyHandler:
 
 def serve(
     args: argparse.Namespace,
-    handler: type[socketserver.BaseRequestHandler] | str,
+    handler: type[socketserver.BaseRequestHandler] | str | Lazy,
     server_class: type[Any] | None = None,
     mixins: tuple[type, ...] = (),
+    extra_settings: ExtraSettings | None = None,
     **settings: Any,
 ) -> int:
     """Bind, then serve in the foreground or as a daemon, until stopped. Returns an exit
     status: 0, 1 if the server failed, 2 for bad options; errors are printed, not raised.
 
-    ``handler`` is a handler class, or a ``module:Class`` string that each worker imports
-    when it starts (the master does not, unless ``--preload``), so that HUP loads new
-    code. ``mixins`` go in front of the server class chosen for the address (TCP, IPv6
-    or Unix). ``settings`` are the server's keywords (``app_name`` is a default name).
+    ``handler`` is a handler class, or a ``module:Class`` string or a :class:`Lazy` that
+    each worker imports when it starts (the master does not, unless ``--preload``), so
+    that HUP loads new code. ``extra_settings`` are the program's own (see
+    :func:`resolve_settings`); a config file may set them too. ``mixins`` go in front of
+    the server class chosen for the address (TCP, IPv6 or Unix). ``settings`` are the
+    server's keywords (``app_name`` is a default name).
     """
     default_name = settings.pop("app_name", None)
     name = args.name or default_name or "prefork_server"
     try:
-        conf = resolve_settings(args)
+        conf = resolve_settings(args, extra=extra_settings)
         pinned = {}
         if args.bind is None and not _config_sets(args, "bind"):
             activated = inherited_address()  # socket activation: use systemd's socket
             if activated is not None:
                 pinned["bind"] = conf["bind"] = str(activated)
         name = conf["name"] or default_name or "prefork_server"
-        lazy: str | None = None
+        lazy: Lazy | None = None
         if isinstance(handler, str):
+            handler = Lazy(handler)
+        if isinstance(handler, Lazy):
             if conf["preload"]:
-                handler = load_handler(handler)
+                handler = handler.load(conf)
             else:
-                lazy = handler
-                error = check_in_child(lambda: load_handler(lazy))
+                lazy = loader = handler
+                error = check_in_child(lambda: loader.load(conf))
                 if error:
-                    raise ValueError(f"cannot load {lazy!r}: {error}")
+                    raise ValueError(error)
         address = _bind_address(conf["bind"])
         logger = _logger(name, conf)
         cls = server_class or server_class_for(address)
@@ -363,14 +406,15 @@ def serve(
             cls = type(cls.__name__, (*mixins, cls), {"max_threads": threads or 16})
         server = cls(
             address.address,
-            handler if lazy is None else _LazyHandler(lazy),
+            handler if lazy is None else _LazyHandler(lazy.spec),
             app_name=name,
             pid_path=conf["pid_file"],
             logger=logger,
             **{key: conf[key] for key in _SERVER_KEYWORDS},
             **settings,
         )
-        server.hooks = _Hooks(args, conf, server, logger, lazy, pinned).make(conf)
+        hooks = _Hooks(args, conf, server, logger, lazy, pinned, extra_settings or {})
+        server.hooks = hooks.make(conf)
     except Exception as e:  # noqa: BLE001 - bad options or config file: a message, exit 2
         print(f"{name}: {e}", file=sys.stderr)
         return 2
@@ -399,26 +443,28 @@ class _Hooks:
         conf: dict[str, Any],
         server: Any,
         logger: logging.Logger,
-        lazy_spec: str | None,
+        lazy: Lazy | None,
         pinned: Mapping[str, Any],
+        extra: ExtraSettings,
     ) -> None:
         self.pinned = pinned  # settings a reload keeps as they were chosen at start
+        self.extra = extra
         self.args = args
         self.conf = conf  # the settings in force in the master
         self.server = server
         self.logger = logger
-        self.lazy_spec = lazy_spec
+        self.lazy = lazy
 
     def make(self, conf: Mapping[str, Any]) -> Hooks:
         user = {name: conf.get(name) for name in HOOK_NAMES if name != "on_reload"}
         then = user.pop("after_fork")
         after_fork = then
-        if self.lazy_spec is not None:
-            spec = self.lazy_spec
+        if self.lazy is not None:
+            lazy = self.lazy
 
             def after_fork(worker: Worker) -> None:
                 # Here, not in the master: a worker forked after a HUP imports new code.
-                self.server.RequestHandlerClass = load_handler(spec)
+                self.server.RequestHandlerClass = lazy.load(self.conf)
                 if then is not None:
                     then(worker)
 
@@ -427,12 +473,16 @@ class _Hooks:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file; return what the master should apply. Raises (and
         the reload is abandoned, the current workers serving on) if the file is bad."""
-        fresh = {**resolve_settings(self.args), **self.pinned}
+        fresh = {**resolve_settings(self.args, extra=self.extra), **self.pinned}
         changes: dict[str, Any] = {}
-        for key in DEFAULTS:
+        for key in (*DEFAULTS, *self.extra):
             if fresh[key] == self.conf[key]:
                 continue
-            if key not in RELOADABLE:
+            if key in self.extra and self.lazy is not None:
+                # The program's own: the new workers build their handler with it.
+                self.logger.info("master: reload sets %s = %r", key, fresh[key])
+                self.conf[key] = fresh[key]
+            elif key not in RELOADABLE:
                 self.logger.warning(
                     "master: %s changed to %r; it takes a restart or an upgrade (USR2)",
                     key,
@@ -445,6 +495,10 @@ class _Hooks:
                 changes[key] = fresh[key]
         # Refuse a bad value now (ValueError naming it), before anything is applied.
         dataclasses.replace(self.server._options, **changes)
+        if self.lazy is not None:
+            error = check_in_child(lambda: self.lazy.load(fresh))  # type: ignore[union-attr]
+            if error:
+                raise ValueError(error)
         changes["hooks"] = self.make(fresh)
         self.conf.update({k: fresh[k] for k in RELOADABLE if k in fresh})
         return changes

@@ -60,10 +60,15 @@ RELOADABLE = frozenset(
 )  # fmt: skip
 
 
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_config(
+    path: str | os.PathLike[str], extra: Mapping[str, tuple[type, ...]] | None = None
+) -> dict[str, Any]:
     """Run the file and return its settings and hooks. Raises ``ValueError`` naming the
     file and the offending name for an unknown setting or a value of the wrong type, and
-    lets the file's own exceptions (``SyntaxError``, ``NameError`` ...) through."""
+    lets the file's own exceptions (``SyntaxError``, ``NameError`` ...) through.
+
+    ``extra`` adds a program's own settings (name -> the types allowed)."""
+    known = {**SETTINGS, **(extra or {})}
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"config: {path} is not a file")
@@ -79,9 +84,9 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         if callable(value):
             continue  # helper functions and imported names
-        if name not in SETTINGS:
+        if name not in known:
             raise ValueError(f"config {path}: unknown setting {name!r}")
-        kinds = SETTINGS[name]
+        kinds = known[name]
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
             raise ValueError(f"config {path}: {name} must be {wanted}, not {value!r}")

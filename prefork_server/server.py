@@ -341,8 +341,10 @@ class PreforkMixIn(socketserver.BaseServer):
         check this when the connection goes idle and close it, so that its worker serves
         a client that waits rather than one that might send again: with more clients than
         workers, every client gets served."""
-        poller = select.poll()
-        poller.register(self.socket, select.POLLIN)
+        poller = self.__dict__.get("_waiting_poll")
+        if poller is None:
+            poller = self._waiting_poll = select.poll()
+            poller.register(self.socket, select.POLLIN)
         return bool(poller.poll(0))
 
     def wake_worker_loop(self) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from prefork_server.cli import build_parser, load_target, serve
+from prefork_server.cli import ExtraSettings, Lazy, build_parser, serve
 
-from .demo import demo_app
 from .handler import HTTPSettings, make_handler
 
 DEFAULTS = HTTPSettings()
@@ -31,7 +31,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--max-header-bytes",
         type=int,
-        default=DEFAULTS.max_header_bytes,
         metavar="N",
         help="largest request line + headers; larger gets a 431 "
         f"(default {DEFAULTS.max_header_bytes})",
@@ -39,7 +38,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--max-body-bytes",
         type=int,
-        default=DEFAULTS.max_body_bytes,
         metavar="N",
         help=f"largest request body; larger gets a 413; 0: no limit "
         f"(default {DEFAULTS.max_body_bytes})",
@@ -47,7 +45,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--read-timeout",
         type=float,
-        default=DEFAULTS.read_timeout,
         metavar="SECONDS",
         help="a request head must arrive whole within this time, and a client may not "
         "stall a body or the response for longer (default "
@@ -56,7 +53,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--busy-read-timeout",
         type=float,
-        default=DEFAULTS.busy_read_timeout,
         metavar="SECONDS",
         help="the same for a request head while other clients wait for a worker, so that "
         f"slow clients cannot hold every worker (default {DEFAULTS.busy_read_timeout:g})",
@@ -64,7 +60,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--keepalive-timeout",
         type=float,
-        default=DEFAULTS.keepalive_timeout,
         metavar="SECONDS",
         help="close an idle keep-alive connection after this long; 0: no keep-alive "
         f"(default {DEFAULTS.keepalive_timeout:g})",
@@ -72,7 +67,6 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--keepalive-turn",
         type=int,
-        default=DEFAULTS.keepalive_turn,
         metavar="N",
         help="while other clients wait for a worker, close a keep-alive connection after "
         f"N requests (default {DEFAULTS.keepalive_turn})",
@@ -81,35 +75,41 @@ def parser() -> argparse.ArgumentParser:
         "--no-access-log",
         dest="access_log",
         action="store_false",
+        default=None,
         help="do not log a line per request (for benchmarks)",
     )
     return p
 
 
+#: The HTTP settings, which a ``--config`` file may set too; HUP applies them to the new
+#: workers (they build their handler after fork).
+HTTP_SETTINGS: ExtraSettings = {
+    "max_header_bytes": ((int,), DEFAULTS.max_header_bytes),
+    "max_body_bytes": ((int,), DEFAULTS.max_body_bytes),
+    "read_timeout": ((int, float), DEFAULTS.read_timeout),
+    "busy_read_timeout": ((int, float), DEFAULTS.busy_read_timeout),
+    "keepalive_timeout": ((int, float), DEFAULTS.keepalive_timeout),
+    "keepalive_turn": ((int,), DEFAULTS.keepalive_turn),
+    "access_log": ((bool,), DEFAULTS.access_log),
+}
+
+DEMO = "examples.http.demo:demo_app"
+
+
+def build_handler(app: Any, settings: Mapping[str, Any]) -> type[Any]:
+    """The handler for ``app`` with the HTTP settings in force (``ValueError`` naming a
+    bad one, or if ``app`` is not a WSGI application)."""
+    if not callable(app):
+        raise ValueError(f"{app!r} is not a WSGI application (not callable)")
+    return make_handler(app, HTTPSettings(**{name: settings[name] for name in HTTP_SETTINGS}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    app = demo_app
-    if args.target:
-        try:
-            app = load_target(args.target)
-        except (ImportError, AttributeError, ValueError) as e:
-            p.error(f"cannot load {args.target!r}: {e}")
-        if not callable(app):
-            p.error(f"{args.target!r} is not a WSGI application (not callable)")
-    try:
-        settings = HTTPSettings(
-            max_header_bytes=args.max_header_bytes,
-            max_body_bytes=args.max_body_bytes,
-            read_timeout=args.read_timeout,
-            busy_read_timeout=args.busy_read_timeout,
-            keepalive_timeout=args.keepalive_timeout,
-            keepalive_turn=args.keepalive_turn,
-            access_log=args.access_log,
-        )
-    except ValueError as e:
-        p.error(str(e))
-    return serve(args, make_handler(app, settings), app_name="http")
+    args = parser().parse_args(argv)
+    # Each worker imports the application after fork (unless --preload), so that HUP
+    # serves the code now on disk; a target that does not import is an error at start.
+    target = Lazy(args.target or DEMO, build_handler)
+    return serve(args, target, extra_settings=HTTP_SETTINGS, app_name="http")
 
 
 if __name__ == "__main__":
