@@ -2,7 +2,7 @@
 
 ::
 
-    python bench/echo_bench.py                  # 2 workers, 3 rounds of 3 s, C = 2, 50, 200
+    python bench/echo_bench.py                  # 2 workers, 6 rounds of 1.5 s, C = 2, 50, 200
     python bench/echo_bench.py --quick          # 1 round of 1 s, C = 2, 50
     python bench/echo_bench.py --compare-tree /tmp/patched --only floor,examples.echo
 
@@ -15,7 +15,15 @@ scenario against every server, rotating the order from round to round so that th
 a shared machine hits them alike. The table shows medians over the rounds: round trips/s,
 p50 and p99 latency, how many of the C connections were served at all, the CPU time the
 server's processes spent per round trip (from ``/proc``: what the server costs, whatever
-the client costs), the client's, and both ratios to the floor at the same C.
+the client costs), the client's, the busiest worker's share of the workers' CPU (50% with 2
+workers evenly loaded, 100% when one took every connection), and ratios to the floor at the
+same C: of round trips/s round by round (then the median), and of the best round of each
+(the most round trips/s, the least CPU per round trip).
+
+Why "best" too: on 2 CPUs with 2 client processes and 2 workers, a run is fast when the
+scheduler puts each client next to the worker that serves it and about half as fast when
+it crosses them, whatever the server; the best of several rounds compares the servers in
+the same placement.
 
 The socketserver peers get ``request_queue_size = 1024`` (as PreforkTCPServer and the floor
 have) instead of 5, so that the comparison is of serving, not of the listen backlog; their
@@ -134,25 +142,33 @@ def median(values: Iterable[float]) -> float:
 
 
 def report(all_: list[Contender], conns: list[int], markdown: bool) -> str:
-    header = ["C", "server", "served", "round trips/s", "p50", "p99", "server CPU/rt",
-              "client CPU/rt", "busiest worker", "rt/s vs floor", "CPU/rt vs floor"]  # fmt: skip
+    header = ["C", "server", "served", "rt/s", "best rt/s", "p50", "p99", "server CPU/rt",
+              "best CPU/rt", "client CPU/rt", "busiest worker", "rt/s vs floor",
+              "best rt/s vs floor", "best CPU/rt vs floor"]  # fmt: skip
     rows = []
     floor = next(c for c in all_ if c.name == FLOOR)
     for c in conns:
-        ref = floor.samples.get(c)
-        ref_rate = statistics.median(s.rate for s in ref) if ref else float("nan")
-        ref_cpu = statistics.median(s.server_cpu_us for s in ref) if ref else float("nan")
+        ref = floor.samples.get(c, [])
         for contender in all_:
             samples = contender.samples.get(c)
             if not samples:
                 continue
             med = {k: median(getattr(s, k) for s in samples) for k in Sample.__annotations__}
+            # Ratios round by round (each round ran both within seconds), then the median:
+            # a slow drift of the machine's load cancels out.
+            pairs = list(zip(samples, ref, strict=False))
+            rate_ratio = median(s.rate / f.rate for s, f in pairs if f.rate)
+            best_rate = max(s.rate for s in samples)
+            best_cpu = min(s.server_cpu_us for s in samples)
+            floor_rate = max((f.rate for f in ref), default=float("nan"))
+            floor_cpu = min((f.server_cpu_us for f in ref), default=float("nan"))
             rows.append([
                 str(c), contender.name, f"{med['served']:.0f}/{c}", f"{med['rate']:,.0f}",
-                fmt_us(med["p50_us"]), fmt_us(med["p99_us"]), f"{med['server_cpu_us']:.1f} us",
+                f"{best_rate:,.0f}", fmt_us(med["p50_us"]), fmt_us(med["p99_us"]),
+                f"{med['server_cpu_us']:.1f} us", f"{best_cpu:.1f} us",
                 f"{med['client_cpu_us']:.1f} us", percent(med["busiest"]),
-                f"{med['rate'] / ref_rate:.2f}x",
-                f"{med['server_cpu_us'] / ref_cpu:.2f}x",
+                f"{rate_ratio:.2f}x", f"{best_rate / floor_rate:.2f}x",
+                f"{best_cpu / floor_cpu:.2f}x",
             ])  # fmt: skip
     return table(header, rows, markdown, left=2)
 
@@ -184,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--workers", type=int, default=2, help="workers of the pre-fork servers (2)")
     p.add_argument("--threads", type=int, default=100, help="examples.echo --threads (100)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per run (3)")
+    p.add_argument("--rounds", type=int, default=6, help="alternating rounds (6)")
+    p.add_argument("--duration", type=float, default=1.5, help="seconds per run (1.5)")
     p.add_argument("--connections", default="2,50,200", help="values of C (2,50,200)")
     p.add_argument("--only", default="", help="comma-separated server names (and the floor)")
     p.add_argument("--compare-tree", type=Path, help="also run examples.echo from this tree")
