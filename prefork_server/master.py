@@ -538,6 +538,10 @@ class Master:
                     self._upgrader.new_master_exited(pid, describe_exit(status))
                 continue  # otherwise not ours to care about (a hook's subprocess)
             view = child.slot.read()
+            if child.slot.stop_asked() and self._stopping is None:
+                self._log.info("master: worker[%d] (pid %d) asked for a graceful stop",
+                               child.number, pid)  # fmt: skip
+                self._queue.append(Action.GRACEFUL_STOP)
             self._scoreboard.release(child.slot)
             self._worker_exited(child, status, view.booted, view.state is SlotState.STOPPING)
 

@@ -39,13 +39,15 @@ class SlotState(enum.IntEnum):
     STOPPING = 4  # asked to stop gracefully
 
 
-# pid, generation, state, booted, number, (pad), served, beat, busy_since, spawned_at
+# pid, generation, state, booted, number, (pad: the first byte is the stop request),
+# served, beat, busy_since, spawned_at
 _LAYOUT = struct.Struct("<iIBBHxxxxQddd")
 _BEAT = struct.Struct("<d")
 _STATE = struct.Struct("<B")
 _SERVED = struct.Struct("<Q")
 _STATE_OFFSET = 8
 _BOOTED_OFFSET = 9
+_ASKS_STOP_OFFSET = 12
 _SERVED_OFFSET = 16
 _BEAT_OFFSET = 24
 _BUSY_SINCE_OFFSET = 32
@@ -121,6 +123,13 @@ class Slot:
 
     def stopping(self) -> None:
         self._mem[self._offset + _STATE_OFFSET] = SlotState.STOPPING
+
+    def ask_stop(self) -> None:
+        """The worker asks the master to stop the whole server (read when it exits)."""
+        self._mem[self._offset + _ASKS_STOP_OFFSET] = 1
+
+    def stop_asked(self) -> bool:
+        return bool(self._mem[self._offset + _ASKS_STOP_OFFSET])
 
     def last_beat(self) -> float:
         return float(_BEAT.unpack_from(self._mem, self._offset + _BEAT_OFFSET)[0])

@@ -25,7 +25,6 @@ import logging
 import os
 import select
 import selectors
-import signal
 import socket
 import socketserver
 import sys
@@ -177,9 +176,7 @@ class PreforkMixIn(socketserver.BaseServer):
         before ``serve_forever()``, it makes that return as soon as it starts.
         """
         if self.worker is not None:  # inside a worker: ask our master
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.worker.master_pid, signal.SIGQUIT)
-            self.worker.stop()
+            self.worker.ask_master_to_stop()
             return
         with self._engine_lock:
             engine = self._engine

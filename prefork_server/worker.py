@@ -8,8 +8,8 @@ How a worker learns that it should stop:
 
 * SIGQUIT from the master (graceful): a flag, so the current unit of work finishes and the
   next ``wants_me_alive()`` returns False.
-* The master died: the master holds the write end of a pipe whose read end every worker
-  inherits; when the master is gone the pipe reaches EOF. Loops that ``select()`` include
+* The master died: the master holds one end of a socket pair whose other end every
+  worker inherits; when the master is gone that end reaches EOF. Loops that ``select()`` include
   :attr:`Worker.wakeup_fds` and notice at once; ``wants_me_alive()`` also looks at most
   every half second (one zero-timeout ``select``), and on Linux the kernel sends SIGTERM
   when the parent dies (``PR_SET_PDEATHSIG``) so a worker stuck in foreign code exits too.
@@ -51,6 +51,8 @@ class Worker:
     - :attr:`wakeup_fds` -- descriptors to include in a ``select()`` so that a stop request
       or the master's death wakes the worker at once.
     - :attr:`poll_interval` -- the longest a loop should block between two heartbeats.
+    - :meth:`ask_master_to_stop` -- a graceful stop of the whole server, from a worker.
+    - :meth:`count_unit`, :attr:`alive` -- for workers that run several units at once.
 
     Attributes a caller may read: ``number`` (the worker's index, 0..workers-1),
     ``generation``, ``master_pid``, ``timeout``, ``logger``.
@@ -168,6 +170,14 @@ class Worker:
         self._count_unit()
         if self._set_title is not None:
             self._show_title("idle" if self._alive else "stopping")
+
+    def ask_master_to_stop(self) -> None:
+        """Ask the master for a graceful stop of the whole server (what ``shutdown()``
+        does in a handler). This worker stops too, after its current unit of work; when
+        it exits, the master, which reads the request in its slot, stops the others. No
+        signal is sent, so it works whatever user the worker runs as."""
+        self._slot.ask_stop()
+        self.stop()
 
     def count_unit(self) -> None:
         """Count one unit of work without changing the state shown (for workers that run

@@ -388,12 +388,6 @@ class Stopper(socketserver.BaseRequestHandler):
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="PreforkMixIn.shutdown() in a worker sends SIGQUIT to the master with os.kill, "
-    "which a worker that dropped to another user may not do (EPERM): the PermissionError "
-    "fails the request and the server keeps running",
-)
 def test_shutdown_from_a_handler_after_a_privilege_drop_stops_the_server(
     spawn, tmp_path: Path
 ) -> None:
