@@ -96,9 +96,11 @@ def contenders(workers: int, threads: int, compare_tree: Path | None) -> list[Co
         Contender(Server(FLOOR, [py, str(BENCH / "floor_echo.py"), "--port", "{port}",
                                  "--workers", str(workers)]), many=False),
     ]  # fmt: skip
-    if compare_tree is not None:
-        other = Server(f"{ECHO} @{compare_tree}", echo, tree=compare_tree)
-        found.insert(1, Contender(other, many=False))
+    if compare_tree is not None:  # a twin of each examples.echo mode, run from that tree
+        for i, c in reversed(list(enumerate(found))):
+            if c.name.startswith(ECHO):
+                twin = Server(f"{c.name} @{compare_tree}", c.server.argv, tree=compare_tree)
+                found.insert(i + 1, Contender(twin, c.many))
     return found
 
 
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=1.5, help="seconds per run (1.5)")
     p.add_argument("--connections", default="2,50,200", help="values of C (2,50,200)")
     p.add_argument("--only", default="", help="comma-separated server names (and the floor)")
-    p.add_argument("--compare-tree", type=Path, help="also run examples.echo from this tree")
+    p.add_argument("--compare-tree", type=Path,
+                   help="also run each examples.echo mode from this tree")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="1 round of 1 s, C = 2, 50")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     p.add_argument("--max-minutes", type=float, default=12.0, help="start no round after (12)")
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     all_ = contenders(args.workers, args.threads, args.compare_tree)
     if args.only:
         wanted = {FLOOR, *args.only.split(",")}
-        all_ = [c for c in all_ if c.name in wanted or c.name.startswith(f"{ECHO} @")]
+        all_ = [c for c in all_ if c.name.split(" @")[0] in wanted]
 
     def runs_at(c: int) -> list[Contender]:
         # C above 50 only for the servers that can hold that many (and the floor).
