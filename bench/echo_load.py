@@ -135,11 +135,11 @@ def run_load(
         os.close(go_w)
         go_w = -1
         for pid in list(children):
-            out = _read_report(children[pid], duration + 15)
+            fd, children[pid] = children[pid], -1  # _read_report closes it, come what may
+            out = _read_report(fd, duration + 15)
             if on_stop is not None:
                 on_stop()
                 on_stop = None
-            children[pid] = -1  # closed by _read_report
             os.waitpid(pid, 0)
             del children[pid]
             result.round_trips += out["round_trips"]
@@ -365,6 +365,19 @@ class Server:
 
 
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range: a port from that
+    range may be taken by any outgoing connection (ours or another program's) before the
+    server binds it."""
+    import random
+
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind((LOOPBACK, port))
+            return port
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
@@ -387,7 +400,7 @@ def start_server(server: Server, log_dir: Path) -> None:
         server.port = free_port()
     argv = [a.replace("{port}", str(server.port)) for a in server.argv]
     safe = "".join(c if c.isalnum() else "_" for c in server.name)
-    with open(log_dir / f"bench-{safe}.log", "ab") as log:
+    with open(log_dir / f"bench-{safe}.log", "wb") as log:  # the last start's log
         server.proc = subprocess.Popen(
             argv,
             cwd=server.cwd or server.tree,
@@ -456,7 +469,17 @@ def serving(servers: Sequence[Server], log_dir: Path | None = None) -> Iterator[
         for server in servers:
             start_server(server, log_dir)
         for server in servers:
-            wait_until_echoes(server)
+            for attempt in range(3):
+                try:
+                    wait_until_echoes(server)
+                    break
+                except RuntimeError:
+                    # Most likely its port was taken before it could bind: another one.
+                    stop_server(server)
+                    if attempt == 2:
+                        raise
+                    server.port = 0
+                    start_server(server, log_dir)
         yield
     finally:
         for server in servers:

@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated: echo,lifecycle,herd,http")
     p.add_argument("--max-minutes", type=float, default=15.0, help="the suite's bound (15)")
     args = p.parse_args(argv)
+
+    def raise_exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # so that run() ends the script it runs
+
+    signal.signal(signal.SIGTERM, raise_exit)
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
     deadline = started + args.max_minutes * 60
