@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import select
 import signal
 import socket
 import stat
@@ -164,6 +165,33 @@ def test_request_timeout_drops_a_silent_echo_client(run, spawn, tmp_path: Path) 
         assert s.recv(1) == b"", "dropped"
         assert 0.4 <= time.monotonic() - silent_from < 3
     assert proc.workers() == [worker]
+    quit_cleanly(proc)
+
+
+def test_request_timeout_drops_an_echo_client_that_never_reads(spawn, tmp_path: Path) -> None:
+    (tmp_path / "shortecho.py").write_text(
+        "from examples.echo import EchoHandler\n\n\n"
+        "class Impatient(EchoHandler):\n    request_timeout = 0.5\n"
+    )
+    proc = spawn([*CLI, "--bind", "127.0.0.1:0", "--workers", "1", "--timeout", "5",
+                  "shortecho:Impatient"], cwd=tmp_path)  # fmt: skip
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        # Send and never read: the echo fills both buffers, the worker's send blocks,
+        # and after request_timeout the worker gives up on this client.
+        s.setblocking(False)
+        chunk, sent, deadline = b"x" * 65536, 0, time.monotonic() + 20
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while time.monotonic() < deadline and sent < 1 << 30:
+                try:
+                    sent += s.send(chunk)
+                except BlockingIOError:
+                    select.select([], [s], [], 0.1)
+        assert time.monotonic() < deadline
+    check_echo(("127.0.0.1", port), clients=2, seed=8)  # the same worker serves on
+    assert proc.workers() == [worker]
+    assert "Traceback" not in proc.output()
     quit_cleanly(proc)
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,4 +171,47 @@ def test_quit_answers_what_each_connection_was_sent(run, mode: list[str]) -> Non
     for s in socks:
         assert s.recv(10) == b"", "an idle connection is closed by a graceful stop"
         s.close()
+    assert proc.wait(30) == 0
+
+
+IMPATIENT_ASYNCIO = """\
+import sys
+
+from examples.echo import EchoHandler
+from examples.echo.aio import AsyncioEchoMixIn
+from prefork_server.cli import build_parser, serve
+
+
+class Impatient(AsyncioEchoMixIn):
+    request_timeout = 0.5
+
+
+sys.exit(serve(build_parser().parse_args(), EchoHandler, mixins=(Impatient,)))
+"""
+
+
+def test_asyncio_drops_a_silent_client_and_keeps_a_talking_one(run, tmp_path: Path) -> None:
+    script = tmp_path / "impatient.py"
+    script.write_text(IMPATIENT_ASYNCIO)
+    proc = run(sys.executable, str(script), "--bind", "127.0.0.1:0", "--workers", "1")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as silent,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as talker,
+    ):
+        silent.sendall(b"once")
+        assert recv_exactly(silent, 4) == b"once"
+        silent_from = time.monotonic()
+        # The talker speaks every 0.1 s, well within request_timeout, for 1.5 s.
+        for i in range(15):
+            talker.sendall(b"%02d" % i)
+            assert recv_exactly(talker, 2) == b"%02d" % i
+            time.sleep(0.1)  # the client's pace, not a wait for the server
+        assert silent.recv(1) == b"", "dropped after request_timeout"
+        assert 0.4 <= time.monotonic() - silent_from < 5
+        talker.sendall(b"still")
+        assert recv_exactly(talker, 5) == b"still"
+    assert proc.workers() == [worker]
+    proc.signal(signal.SIGQUIT)
     assert proc.wait(30) == 0

@@ -11,8 +11,9 @@ or through the generic command, which serves any socketserver handler::
 
 from __future__ import annotations
 
-import selectors
+import socket
 import socketserver
+import struct
 import time
 
 __all__ = ["EchoHandler"]
@@ -32,30 +33,46 @@ class EchoHandler(socketserver.BaseRequestHandler):
     request_timeout = 300.0  # an idle client is dropped after this many seconds
 
     def setup(self) -> None:
-        self.request.settimeout(self.request_timeout)
+        # A blocking socket with kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO): recv and
+        # sendall are then one system call each, where a Python-level timeout adds a
+        # poll() before every call and a selector adds an epoll_wait().
+        self.request.setblocking(True)
+        _set_timeout(self.request, socket.SO_SNDTIMEO, self.request_timeout)
 
     def handle(self) -> None:
         worker = getattr(self.server, "worker", None)  # None under a plain socketserver
         wait = self.request_timeout
         if worker is not None:
             wait = min(wait, worker.poll_interval)
+        _set_timeout(self.request, socket.SO_RCVTIMEO, wait)
         idle_since = time.monotonic()
         answered = False
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.request, selectors.EVENT_READ)
-            while True:
-                stopping = worker is not None and not worker.heartbeat()
+        recv = self.request.recv
+        while True:
+            stopping = worker is not None and not worker.heartbeat()
+            try:
                 # Stopping: a connection we accepted gets its first answer; after that,
                 # serve only what has already arrived.
-                if not selector.select(0 if stopping and answered else wait):
-                    if stopping and answered:
-                        return
-                    if time.monotonic() - idle_since >= self.request_timeout:
-                        return
-                    continue
-                data = self.request.recv(65536)
-                if not data:
+                data = recv(65536, socket.MSG_DONTWAIT) if stopping and answered else recv(65536)
+            except BlockingIOError:  # nothing within `wait` (or nothing left, stopping)
+                if stopping and answered:
                     return
+                if time.monotonic() - idle_since >= self.request_timeout:
+                    return
+                continue
+            if not data:
+                return
+            try:
                 self.request.sendall(data)
-                answered = True
-                idle_since = time.monotonic()
+            except BlockingIOError:  # SO_SNDTIMEO: the client read nothing for that long
+                return
+            answered = True
+            idle_since = time.monotonic()
+
+
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    # A struct timeval: two C longs on Linux and the BSDs.
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET, option, struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    )

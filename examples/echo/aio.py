@@ -48,6 +48,9 @@ class AsyncioEchoMixIn:
         # Each connection's task, and whether it is waiting for a client that has had
         # every answer (only those are cut short by a graceful stop).
         clients: dict[asyncio.Task[None], bool] = {}
+        # When each connection last heard from its client: the heartbeat loop drops those
+        # silent for request_timeout (one sweep, not a timer per read).
+        self._last_heard: dict[asyncio.Task[None], float] = {}
 
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -63,6 +66,7 @@ class AsyncioEchoMixIn:
             finally:
                 writer.close()
                 del clients[task]
+                self._last_heard.pop(task, None)
                 self._active -= 1
                 if self._active == 0:
                     worker.idle()
@@ -78,6 +82,10 @@ class AsyncioEchoMixIn:
                     await asyncio.wait_for(stopping.wait(), worker.poll_interval / 2)
                 if not worker.heartbeat():
                     stopping.set()
+                silent_since = loop.time() - self.request_timeout
+                for task, heard in list(self._last_heard.items()):
+                    if heard < silent_since:
+                        task.cancel()
         finally:
             server.close()
             for fd in worker.wakeup_fds:
@@ -97,9 +105,11 @@ class AsyncioEchoMixIn:
         task: asyncio.Task[None],
     ) -> None:
         answered = False
+        loop = asyncio.get_running_loop()
         while not (stopping.is_set() and answered):
             clients[task] = answered  # from now on a stop may cancel us
-            data = await asyncio.wait_for(reader.read(65536), self.request_timeout)
+            self._last_heard[task] = loop.time()
+            data = await reader.read(65536)
             clients[task] = False
             if not data:
                 return
