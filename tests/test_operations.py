@@ -83,7 +83,11 @@ def booted(master: int, count: int) -> list[int]:
     read from its scoreboard as ``prefork-server status`` does."""
 
     def ready() -> list[int] | None:
-        views = [v for v in read_scoreboard(master) if v.booted]
+        try:
+            slots = read_scoreboard(master)
+        except FileNotFoundError:  # it says "listening" before it makes its scoreboard
+            return None
+        views = [v for v in slots if v.booted]
         return sorted(v.pid for v in views) if len(views) == count else None
 
     return wait_for(ready, 20, what=f"{count} booted workers of {master}")  # type: ignore[no-any-return]
