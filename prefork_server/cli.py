@@ -91,6 +91,7 @@ DEFAULTS: Mapping[str, Any] = {
     "max_workers": None,
     "preload": False,
     "threads": 0,
+    "socket_mode": None,
 }
 assert set(DEFAULTS) == set(SETTINGS)
 
@@ -138,6 +139,13 @@ def build_parser(
         help="HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH, or fd://N (a "
         f"listening socket inherited as descriptor N) (default {default_bind}; a socket "
         "passed by systemd socket activation is used when it has this address)",
+    )
+    add(
+        "--socket-mode",
+        type=_octal,
+        metavar="OCTAL",
+        help="permissions of a unix: socket file, whatever the umask (default 660: "
+        "the owner and the group may connect)",
     )
     add("--workers", "-w", type=int, metavar="N", help="number of worker processes (default 10)")
     add(
@@ -404,6 +412,10 @@ def serve(
             mixins = (*mixins, PreforkThreadingMixIn)
         if mixins:
             cls = type(cls.__name__, (*mixins, cls), {"max_threads": threads or 16})
+        if conf["socket_mode"] is not None:
+            if address.family != socket.AF_UNIX:
+                raise ValueError("socket_mode applies to a unix:PATH bind only")
+            settings = {**settings, "socket_mode": conf["socket_mode"]}
         server = cls(
             address.address,
             handler if lazy is None else _LazyHandler(lazy.spec),
@@ -523,6 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _config_sets(args: argparse.Namespace, name: str) -> bool:
     path = getattr(args, "config", None)
     return path is not None and name in load_config(path)
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mode from 000 to 777")
+    return mode
 
 
 def _bind_address(text: str) -> BindAddress:

@@ -49,6 +49,7 @@ SETTINGS: Mapping[str, tuple[type, ...]] = {
     "max_workers": (int,),
     "preload": (bool,),
     "threads": (int,),
+    "socket_mode": (int,),
 }
 
 HOOK_NAMES = ("before_fork", "after_fork", "worker_exit", "on_worker_timeout", "on_reload")

@@ -466,18 +466,36 @@ class PreforkUnixStreamServer(PreforkMixIn, socketserver.UnixStreamServer):
     """``socketserver.UnixStreamServer``, served by pre-forked worker processes.
 
     A socket file left by a dead server is removed before binding; a live server's socket
-    or a file that is not a socket makes the constructor raise. The master removes the
-    socket file in ``server_close()``. An address in Linux's abstract namespace (starting
-    with a NUL byte) has no file, so none of this applies to it.
+    or a file that is not a socket makes the constructor raise. The socket file gets mode
+    ``socket_mode`` (a keyword or a class attribute; default ``0o660``: the owner and the
+    group may connect, nobody else), whatever the umask. The master that served removes the
+    socket file in ``server_close()``; a server closed without serving leaves it, as
+    ``socketserver`` does (the next bind removes it as stale). An address in Linux's
+    abstract namespace (starting with a NUL byte) has no file, so none of this applies to
+    it. A socket inherited from a previous master or from systemd keeps the mode it has.
     """
 
     request_queue_size = 1024
+    #: Who may connect: the socket file's permission bits (connecting needs write).
+    socket_mode: int = 0o660
+
+    def __init__(self, *args: Any, socket_mode: int | None = None, **kwargs: Any) -> None:
+        if socket_mode is not None:
+            self.socket_mode = socket_mode
+        mode = self.socket_mode
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+            raise ValueError(f"socket_mode must be permission bits from 0 to 0o777, not {mode!r}")
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        if not self._adopt_inherited() and not self._abstract:
+        inherited = self._adopt_inherited()
+        if not inherited and not self._abstract:
             clear_stale_unix_socket(self._path)
         super().server_bind()
         if not self._abstract:
+            if not inherited:
+                # Before listen(): until then nobody can connect, whatever the mode was.
+                os.chmod(self._path, self.socket_mode)
             self._bound_inode = os.stat(self._path).st_ino
 
     @property

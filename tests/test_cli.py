@@ -27,7 +27,8 @@ SCRIPT = Path(sys.executable).parent / "prefork-server"  # the installed console
 OPTIONS = ["--bind", "--workers", "--timeout", "--graceful-timeout", "--name", "--pid-file",
            "--daemon", "--log-file", "--log-level", "--help", "--config", "--graceful-term",
            "--max-requests", "--max-requests-jitter", "--min-spare-workers",
-           "--max-spare-workers", "--max-workers", "--user", "--group", "--preload"]  # fmt: skip
+           "--max-spare-workers", "--max-workers", "--user", "--group", "--preload",
+           "--socket-mode"]  # fmt: skip
 SIGNALS = ["QUIT", "TERM", "INT", "WINCH", "TTIN", "TTOU", "USR1", "HUP", "USR2"]
 
 
@@ -222,6 +223,20 @@ def test_unix_bind_serves_and_removes_the_socket_on_quit(run, tmp_path: Path) ->
     assert not os.path.lexists(full)
 
 
+def test_socket_mode_sets_who_may_connect_to_a_unix_socket(run, tmp_path: Path) -> None:
+    path = tmp_path / "private.sock"
+    proc = run([*CLI, "--bind", f"unix:{path}", "--workers", "1", "--socket-mode", "600",
+                "examples.echo:EchoHandler"])  # fmt: skip
+    proc.wait_output("listening on unix:")
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(b"mine")
+        assert recv_exactly(s, 4) == b"mine"
+    quit_cleanly(proc)
+
+
 def test_daemon_serves_in_the_background_until_quit(spawn, tmp_path: Path) -> None:
     pid_file = tmp_path / "echo.pid"
     launcher = spawn([*ECHO, "--bind", "127.0.0.1:0", "--workers", "2", "--daemon",
@@ -269,6 +284,9 @@ def test_a_live_pid_file_is_an_error(run, tmp_path: Path) -> None:
         (["TARGET=examples.echo:Nope"], r"cannot load 'examples.echo:Nope'"),
         (["TARGET=examples.echo"], r"target must be module:attribute"),
         (["TARGET=socketserver:TCPServer"], r"is not a socketserver.BaseRequestHandler subclass"),
+        (["--socket-mode", "8"], r"--socket-mode: '8' is not an octal mode such as 660"),
+        (["--socket-mode", "1777"], r"--socket-mode: '1777' is not a mode from 000 to 777"),
+        (["--socket-mode", "600"], r"socket_mode applies to a unix:PATH bind only"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(run, args: list[str], message: str) -> None:

@@ -294,6 +294,28 @@ def test_unix_server_refuses_to_replace_a_regular_file(sock_path: Path) -> None:
     assert sock_path.read_text() == "precious\n"
 
 
+def test_unix_socket_mode_is_660_whatever_the_umask_and_can_be_set(sock_path: Path) -> None:
+    old_umask = os.umask(0)  # the most permissive: the socket must not inherit it
+    try:
+        with PreforkUnixStreamServer(str(sock_path), socketserver.BaseRequestHandler) as s:
+            assert stat.S_IMODE(sock_path.lstat().st_mode) == 0o660
+            s.server_close()
+        os.umask(0o077)  # and the most restrictive: an explicit mode wins
+        with PreforkUnixStreamServer(
+            str(sock_path), socketserver.BaseRequestHandler, socket_mode=0o666
+        ):
+            assert stat.S_IMODE(sock_path.lstat().st_mode) == 0o666
+    finally:
+        os.umask(old_umask)
+    sock_path.unlink()  # never served, so server_close() leaves it (see the class doc)
+    for bad in (0o1000, -1, "660", True):
+        with pytest.raises(ValueError, match="socket_mode"):
+            PreforkUnixStreamServer(
+                str(sock_path), socketserver.BaseRequestHandler, socket_mode=bad
+            )
+    assert not os.path.lexists(sock_path), "a bad mode is refused before binding"
+
+
 def test_unix_server_refuses_a_live_servers_socket(app, sock_path: Path) -> None:
     proc = app("--server", "unix", "--bind", str(sock_path), "--workers", "1")
     proc.wait_output(r"PATH=")
