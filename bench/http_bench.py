@@ -1,45 +1,79 @@
-"""examples/http against gunicorn's sync worker, side by side, with wrk.
+"""examples/http against an h11 floor and gunicorn (sync and gthread), side by side, with wrk.
 
 ::
 
-    python bench/http_bench.py                       # 2 workers, 3 rounds of 5 s
-    python bench/http_bench.py --workers 4 --rounds 5 --connections 4,64 --markdown
+    python bench/http_bench.py                        # 2 and 4 workers, 3 rounds of 3 s
+    python bench/http_bench.py --quick                # 2 workers, c = 2 and 50, 1 round of 1 s
+    python bench/http_bench.py --workers 2 --rounds 5 --duration 5 --markdown
+    python bench/chart.py                             # the PNG chart of the last run
 
-Both servers serve the same hello-world WSGI application (``bench/hello_app.py``) with the
-same number of workers, on loopback. For each connection count and each of keep-alive and
-``Connection: close`` (``wrk -H 'Connection: close'``), wrk runs against one server and then
-the other, alternating which goes first, for several rounds; the table shows the medians
-of requests/s, of wrk's p50 and p99 latency and of the workers' CPU time per request (from
-/proc: the figure least disturbed by other load on the machine), and the ratio of
-requests/s. Machines are noisy: compare the ratios of one run, not absolute figures
-across runs.
+Every server serves the same 14-byte response, on loopback, with the same number of workers:
 
-Needs ``wrk`` and ``gunicorn`` (``pip install gunicorn``: a benchmark-only dependency).
-Every process started here is ended by its pid (masters first, then any worker left).
+- ``examples.http``: ``python -m examples.http --no-access-log`` with ``bench/hello_app.py``;
+- ``h11 floor``: ``bench/h11_floor.py``, a pre-fork loop with h11 and no framework nor WSGI,
+  writing the very bytes examples.http writes (blocking ``accept``, a keep-alive client
+  keeps its worker until it leaves);
+- ``gunicorn sync``: ``gunicorn -k sync`` with the same WSGI application (it closes every
+  connection, whatever the client asks);
+- ``gunicorn gthread``: ``gunicorn -k gthread --threads 4`` (keep-alive, 4 threads per
+  worker).
+
+For each worker count, each of keep-alive and ``Connection: close`` (``wrk -H 'Connection:
+close'``) and each connection count, wrk (``-t2 --latency --timeout 5s``) runs against
+every server in turn, the order rotated from one round to the next, for several rounds;
+every server runs for the whole benchmark. The table shows medians over the rounds of
+requests/s, wrk's p50 and p99 latency and the workers' CPU time per request (from
+/proc), the socket errors and non-2xx responses of all rounds, how many of wrk's
+connections were served at all (the fewest of any round), and ratios of requests/s to
+gunicorn sync and to the h11 floor (the median of the round-by-round ratios: each pair was
+measured minutes apart at most).
+
+"Served": wrk does not say how many of its connections got an answer, and with one
+connection per wrk thread (the only way a wrk Lua script can tell connections apart) wrk
+itself costs 10 to 25% more CPU. So it is read from the kernel instead, without touching the
+servers: ``ss -tie`` lists wrk's sockets (destination port = the server's) with the bytes
+each has received, twice in a run (at 25% and at 90% of it). A socket present both times
+(same inode) that has received no byte by the second look sat in the accept queue, unserved,
+for that whole span: ``served = connections - those``. A connection the server closes is
+reconnected by wrk with a new socket, which the count does not mistake for a starved one
+unless it too waits the whole span.
+
+Results also go to ``$TMPDIR/http_bench.json`` (or ``--json PATH``), which ``chart.py``
+reads. Needs ``wrk``, ``ss`` (iproute2) and ``gunicorn`` (``pip install -e '.[bench]'``:
+benchmark-only dependencies). Every process started here is ended by its pid.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
+from echo_load import (
+    BENCH,
+    REPO,
+    Server,
+    children_of,
+    exit_on_sigterm,
+    free_port,
+    start_server,
+    stop_server,
+)
+
 APP = "hello_app:app"
 EXPECTED_BODY = b"Hello, world!\n"
+OURS, FLOOR, SYNC, GTHREAD = "examples.http", "h11 floor", "gunicorn sync", "gunicorn gthread"
+GTHREAD_THREADS = 4
 
 
 @dataclass
@@ -47,119 +81,75 @@ class Sample:
     rps: float
     p50_us: float
     p99_us: float
-    errors: int  # socket errors (connect, read, write, timeout) plus non-2xx responses
-    requests: int = 0
+    socket_errors: int  # connect, read, write, timeout
+    non2xx: int
+    requests: int
+    served: int = 0  # of wrk's connections, those that got an answer
     cpu_us: float = 0.0  # the workers' CPU time (user + system) per request
 
 
 @dataclass
-class Server:
+class Contender:
     name: str
-    argv: list[str]
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-    samples: dict[tuple[str, int], list[Sample]] = field(default_factory=dict)
+    workers: int
+    server: Server
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # scenario key -> rounds
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def scenario_key(mode: str, conns: int) -> str:
+    return f"{mode} c={conns}"
 
 
-def children(pid: int) -> list[int]:
-    """Live child pids of ``pid``, from /proc (Linux)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+def commands(workers: int, ours_extra: str) -> dict[str, list[str]]:
+    py = sys.executable
+    return {
+        OURS: [py, "-m", "examples.http", "--bind", "127.0.0.1:{port}", "--workers",
+               str(workers), "--no-access-log", "--log-level", "warning", *ours_extra.split(),
+               APP],
+        FLOOR: [py, str(BENCH / "h11_floor.py"), "--bind", "127.0.0.1:{port}", "--workers",
+                str(workers)],
+        SYNC: ["gunicorn", "-b", "127.0.0.1:{port}", "-k", "sync", "-w", str(workers),
+               "--log-level", "warning", APP],
+        GTHREAD: ["gunicorn", "-b", "127.0.0.1:{port}", "-k", "gthread", "--threads",
+                  str(GTHREAD_THREADS), "-w", str(workers), "--log-level", "warning", APP],
+    }  # fmt: skip
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` so far (from /proc; gone processes count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
-
-
-def wait_until_serving(server: Server, timeout: float = 20.0) -> None:
-    """Poll with real requests until the server answers 200 with the expected body."""
-    deadline = time.monotonic() + timeout
+def answers(port: int, timeout: float = 2.0) -> bool:
+    """One ``Connection: close`` GET: True if it gets a 200 with the expected body."""
     request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    while time.monotonic() < deadline:
-        assert server.proc is not None
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with status {server.proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
-                s.sendall(request)
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            if data.startswith(b"HTTP/1.1 200") and data.endswith(EXPECTED_BODY):
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{server.name} did not answer on port {server.port} in {timeout}s")
-
-
-@contextlib.contextmanager
-def running(servers: list[Server], log_dir: Path) -> Iterator[None]:
-    """Start every server in its own session; end them all by pid, whatever happens."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH), env.get("PYTHONPATH", "")])
-    logs = []
     try:
-        for server in servers:
-            log = open(log_dir / f"{server.name.split()[0]}.log", "wb")  # noqa: SIM115
-            logs.append(log)
-            server.proc = subprocess.Popen(
-                server.argv, cwd=BENCH, env=env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        for server in servers:
-            wait_until_serving(server)
-        yield
-    finally:
-        for server in servers:
-            stop(server)
-        for log in logs:
-            log.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return False
+    return data.startswith(b"HTTP/1.1 200") and data.endswith(EXPECTED_BODY)
 
 
-def stop(server: Server) -> None:
-    """QUIT (graceful for both servers), then KILL by pid: the master and its workers."""
-    proc = server.proc
-    if proc is None or proc.poll() is not None:
-        return
-    workers = children(proc.pid)
-    proc.send_signal(signal.SIGQUIT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    for pid in workers + children(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def start_all(contenders: list[Contender], log_dir: Path) -> None:
+    """Start every server (in its own session) and wait until each answers; a server whose
+    port was taken before it could bind gets another port (3 tries)."""
+    for c in contenders:
+        start_server(c.server, log_dir)
+    for c in contenders:
+        for attempt in range(3):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                proc = c.server.proc
+                if (proc is not None and proc.poll() is not None) or answers(c.server.port):
+                    break
+                time.sleep(0.05)
+            if c.server.proc is not None and c.server.proc.poll() is None:
+                if answers(c.server.port):
+                    break
+            stop_server(c.server)
+            if attempt == 2:
+                raise RuntimeError(f"{c.name} ({c.workers} workers) did not start: see its log")
+            c.server.port = 0
+            start_server(c.server, log_dir)
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
@@ -173,154 +163,272 @@ def _micros(text: str) -> float:
 
 
 def parse_wrk(out: str) -> Sample:
-    """Requests/s, p50 and p99 (microseconds) and error count from ``wrk --latency``."""
+    """Requests/s, p50 and p99 (microseconds) and error counts from ``wrk --latency``."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    p50 = _micros(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _micros(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    errors = 0
+    p50 = p99 = float("nan")
+    if m := re.search(r"^\s+50%\s+(\S+)", out, re.M):
+        p50 = _micros(m.group(1))
+    if m := re.search(r"^\s+99%\s+(\S+)", out, re.M):
+        p99 = _micros(m.group(1))
+    errors = non2xx = 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
-        errors += sum(int(g) for g in m.groups())
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    return Sample(rps, p50, p99, errors, requests)
+        errors = sum(int(g) for g in m.groups())
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        non2xx = int(m.group(1))
+    return Sample(rps, p50, p99, errors, non2xx, requests)
 
 
-def run_wrk(port: int, mode: str, connections: int, duration: float, threads: int) -> Sample:
-    """One wrk run against ``127.0.0.1:port``."""
-    argv = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration:g}s",
+_SS_SOCKET = re.compile(r"\bino:(\d+)")
+_SS_RECEIVED = re.compile(r"\bbytes_received:(\d+)")
+
+
+def client_sockets(port: int) -> dict[int, int]:
+    """wrk's established sockets to ``port``: inode -> bytes received so far (from ss)."""
+    out = subprocess.run(
+        ["ss", "-Htnie", "state", "established", f"( dport = :{port} )"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout  # fmt: skip
+    found: dict[int, int] = {}
+    inode = None
+    for line in out.splitlines():
+        if m := _SS_SOCKET.search(line):  # the socket's line; its tcp_info follows
+            inode = int(m.group(1))
+            found[inode] = 0
+        if inode is not None and (m := _SS_RECEIVED.search(line)):
+            found[inode] = int(m.group(1))
+    return found
+
+
+def run_wrk(port: int, mode: str, conns: int, duration: float, threads: int) -> Sample:
+    """One wrk run against ``127.0.0.1:port``, with the served-connections count."""
+    argv = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{duration:g}s",
             "--latency", "--timeout", "5s"]  # fmt: skip
     if mode == "close":
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{port}/")
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
-    return parse_wrk(out.stdout)
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(max(0.0, started + 0.25 * duration - time.monotonic()))
+        first = client_sockets(port)
+        time.sleep(max(0.0, started + 0.9 * duration - time.monotonic()))
+        second = client_sockets(port)
+        out, err = proc.communicate(timeout=duration + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.strip()}")
+    sample = parse_wrk(out)
+    starved = sum(1 for inode, got in second.items() if got == 0 and inode in first)
+    sample.served = max(0, conns - starved)
+    return sample
 
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
+    try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    except OSError:
+        pass
     versions = [f"Python {platform.python_version()}"]
     for module in ("h11", "gunicorn"):
-        with contextlib.suppress(ImportError):
+        try:
             versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            pass
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     versions.append(wrk.split(" [")[0])
     return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}); "
             + ", ".join(versions))  # fmt: skip
 
 
-def _fmt_us(us: float) -> str:
+def fmt_us(us: float) -> str:
+    if us != us:  # NaN: no answer at all
+        return "-"
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} us"
 
 
-def report(ours: Server, theirs: Server, scenarios: list[tuple[str, int]], markdown: bool) -> str:
+def paired_ratio(group: dict[str, Contender], key: str, name: str, other: str) -> float:
+    """The median over rounds of ``name``'s requests/s over ``other``'s in the same round."""
+    if name not in group or other not in group:
+        return float("nan")
+    a, b = group[name].samples.get(key, []), group[other].samples.get(key, [])
+    pairs = [x.rps / y.rps for x, y in zip(a, b, strict=False) if y.rps > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
+def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> list[dict]:  # type: ignore[type-arg]
+    """One row per (workers, scenario, server): medians, totals, ratios."""
     rows = []
-    for mode, conns in scenarios:
-        a, b = ours.samples.get((mode, conns)), theirs.samples.get((mode, conns))
-        if not a or not b:
-            continue
-        med = {
-            name: (
-                statistics.median(s.rps for s in samples),
-                statistics.median(s.p50_us for s in samples),
-                statistics.median(s.p99_us for s in samples),
-                sum(s.errors for s in samples),
-                statistics.median(s.cpu_us for s in samples),
-            )
-            for name, samples in ((ours.name, a), (theirs.name, b))
-        }
-        (ra, pa50, pa99, ea, ca), (rb, pb50, pb99, eb, cb) = med[ours.name], med[theirs.name]
-        label = "keep-alive" if mode == "keep-alive" else "Connection: close"
-        rows.append([label, str(conns), f"{ra:,.0f}", _fmt_us(pa50), _fmt_us(pa99), str(ea),
-                     f"{ca:.0f} us", f"{rb:,.0f}", _fmt_us(pb50), _fmt_us(pb99), str(eb),
-                     f"{cb:.0f} us", f"{ra / rb:.2f}x"])  # fmt: skip
-    header = ["mode", "conns", "ours req/s", "p50", "p99", "errors", "CPU/req",
-              "gunicorn req/s", "p50", "p99", "errors", "CPU/req", "ratio"]  # fmt: skip
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.rjust(w) if i > 0 else cell.ljust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-        for row in [header, *rows]
-    )  # fmt: skip
+    for workers in sorted({c.workers for c in contenders}):
+        group = {c.name: c for c in contenders if c.workers == workers}
+        for mode, conns in scenarios:
+            key = scenario_key(mode, conns)
+
+            for name, c in group.items():
+                samples = c.samples.get(key)
+                if not samples:
+                    continue
+                rows.append({
+                    "workers": workers, "mode": mode, "connections": conns, "server": name,
+                    "rounds": len(samples),
+                    "rps": statistics.median(s.rps for s in samples),
+                    "p50_us": statistics.median(s.p50_us for s in samples),
+                    "p99_us": statistics.median(s.p99_us for s in samples),
+                    "socket_errors": sum(s.socket_errors for s in samples),
+                    "non2xx": sum(s.non2xx for s in samples),
+                    "served": min(s.served for s in samples),
+                    "cpu_us": statistics.median(s.cpu_us for s in samples),
+                    "vs_sync": paired_ratio(group, key, name, SYNC),
+                    "vs_floor": paired_ratio(group, key, name, FLOOR),
+                })  # fmt: skip
+    return rows
+
+
+def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
+    out = []
+    for workers in sorted({r["workers"] for r in rows}):
+        header = ["mode", "conns", "server", "req/s", "p50", "p99", "socket errors",
+                  "non-2xx", "served", "CPU/req", "vs gunicorn sync", "vs h11 floor"]  # fmt: skip
+        table = []
+        for r in rows:
+            if r["workers"] != workers:
+                continue
+            label = "keep-alive" if r["mode"] == "keep-alive" else "Connection: close"
+            table.append([label, str(r["connections"]), r["server"], f"{r['rps']:,.0f}",
+                          fmt_us(r["p50_us"]), fmt_us(r["p99_us"]), str(r["socket_errors"]),
+                          str(r["non2xx"]), f"{r['served']}/{r['connections']}",
+                          f"{r['cpu_us']:.0f} us", f"{r['vs_sync']:.2f}x",
+                          f"{r['vs_floor']:.2f}x"])  # fmt: skip
+        out.append(f"{workers} workers each:")
+        if markdown:
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in table]
+        else:
+            widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+            lines = ["  ".join(cell.rjust(w) if i > 2 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in [header, *table]]  # fmt: skip
+        out.append("\n".join(lines))
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--workers", type=int, default=2, help="workers for each server (2)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (5)")
-    p.add_argument("--connections", default="2,50", help="wrk -c values, comma-separated")
+    p.add_argument("--workers", default="2,4", help="worker counts, comma-separated (2,4)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (3)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (3)")
+    p.add_argument("--connections", default="2,50,200", help="wrk -c values (2,50,200)")
     p.add_argument("--threads", type=int, default=2, help="wrk -t (2)")
     p.add_argument("--modes", default="keep-alive,close", help="keep-alive and/or close")
-    p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    p.add_argument("--only", default="", help="servers, comma-separated (default: all 4)")
+    p.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
+    p.add_argument("--quick", action="store_true", help="2 workers, c = 2 and 50, 1 round of 1 s")
+    p.add_argument("--json", default="", metavar="PATH",
+                   help="where to write the results ($TMPDIR/http_bench.json)")  # fmt: skip
     p.add_argument("--ours", default="", metavar="OPTIONS",
                    help="extra options for examples.http, e.g. '--keepalive-turn 4'")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=15.0,
-                   help="start no new round after this long (15)")  # fmt: skip
+                   help="start no round that would end past this (15)")  # fmt: skip
     args = p.parse_args(argv)
-    for tool in ("wrk", "gunicorn"):
+    exit_on_sigterm()
+    if args.quick:
+        args.workers, args.connections, args.rounds, args.duration = "2", "2,50", 1, 1.0
+    for tool, hint in (("wrk", "apt-get install wrk"), ("ss", "apt-get install iproute2"),
+                       ("gunicorn", "pip install -e '.[bench]'")):  # fmt: skip
         if shutil.which(tool) is None:
-            hint = "pip install gunicorn" if tool == "gunicorn" else "apt-get install wrk"
             print(f"http_bench: {tool} is not installed ({hint})", file=sys.stderr)
             return 2
     scenarios = [(mode, int(c)) for mode in args.modes.split(",")
                  for c in args.connections.split(",")]  # fmt: skip
-    ours = Server(
-        "examples.http",
-        [sys.executable, "-m", "examples.http", "--bind", "", "--workers", str(args.workers),
-         "--no-access-log", "--log-level", "warning", *args.ours.split(), APP],
-        free_port(),
-    )  # fmt: skip
-    ours.argv[ours.argv.index("--bind") + 1] = f"127.0.0.1:{ours.port}"
-    theirs = Server(
-        "gunicorn sync",
-        ["gunicorn", "-k", "sync", "-w", str(args.workers), "--log-level", "warning", APP],
-        free_port(),
-    )
-    theirs.argv[1:1] = ["-b", f"127.0.0.1:{theirs.port}"]
-    runs = len(scenarios) * 2 * args.rounds
+    names = args.only.split(",") if args.only else [OURS, FLOOR, SYNC, GTHREAD]
+    contenders = []
+    for workers in (int(w) for w in args.workers.split(",")):
+        argvs = commands(workers, args.ours)
+        for name in names:
+            path = os.pathsep.join([str(REPO), str(BENCH)])
+            server = Server(f"{name} w{workers}", argvs[name], free_port(), cwd=BENCH,
+                            env={"PYTHONPATH": path})  # fmt: skip
+            contenders.append(Contender(name, workers, server))
+    runs = len(scenarios) * len(contenders)
     print(f"http_bench: {machine()}", flush=True)
-    print(f"http_bench: {args.workers} workers each, {args.rounds} rounds x {len(scenarios)} "
-          f"scenarios x 2 servers x {args.duration:g}s = about "
-          f"{runs * (args.duration + 0.5) / 60:.1f} min", flush=True)  # fmt: skip
+    print(
+        f"http_bench: {args.rounds} rounds x {runs} runs of {args.duration:g} s = about "
+        f"{args.rounds * runs * (args.duration + 0.3) / 60:.1f} min",
+        flush=True,
+    )
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     started = time.monotonic()
-    with running([ours, theirs], log_dir):
-        for server in (ours, theirs):  # warm up: imports, caches, connections
-            run_wrk(server.port, "keep-alive", 2, 1.0, 1)
+    round_time = 0.0
+    try:
+        start_all(contenders, log_dir)
+        for c in contenders:  # warm up: imports, caches, first connections
+            run_wrk(c.server.port, "keep-alive", 2, 1.0, 2)
         for rnd in range(args.rounds):
-            if time.monotonic() - started > args.max_minutes * 60:
+            elapsed = time.monotonic() - started
+            if rnd and elapsed + round_time > args.max_minutes * 60:
                 print(f"http_bench: stopping after {rnd} rounds (--max-minutes)", flush=True)
                 break
-            for mode, conns in scenarios:
-                order = [ours, theirs] if (rnd + conns) % 2 == 0 else [theirs, ours]
-                for server in order:
-                    assert server.proc is not None
-                    workers = children(server.proc.pid)
-                    cpu_before = cpu_seconds(workers)
-                    sample = run_wrk(server.port, mode, conns, args.duration, args.threads)
-                    used = cpu_seconds(workers) - cpu_before
-                    sample.cpu_us = used * 1e6 / max(sample.requests, 1)
-                    server.samples.setdefault((mode, conns), []).append(sample)
-                    print(f"  round {rnd + 1} {mode:10} c={conns:<4} {server.name:14} "
-                          f"{sample.rps:>10,.0f} req/s  p50 {_fmt_us(sample.p50_us):>9}  "
-                          f"p99 {_fmt_us(sample.p99_us):>9}  errors {sample.errors}  "
-                          f"worker CPU {sample.cpu_us:.0f} us/req",
-                          flush=True)  # fmt: skip
+            round_started = time.monotonic()
+            for i, (mode, conns) in enumerate(scenarios):
+                for workers in sorted({c.workers for c in contenders}):
+                    group = [c for c in contenders if c.workers == workers]
+                    k = (rnd + i) % len(group)
+                    for c in group[k:] + group[:k]:
+                        assert c.server.proc is not None
+                        pids = children_of(c.server.proc.pid)
+                        cpu_before = workers_cpu(pids)
+                        sample = run_wrk(c.server.port, mode, conns, args.duration, args.threads)
+                        used = workers_cpu(pids) - cpu_before
+                        sample.cpu_us = used * 1e6 / max(sample.requests, 1)
+                        c.samples.setdefault(scenario_key(mode, conns), []).append(sample)
+                        print(f"  round {rnd + 1} w={workers} {mode:10} c={conns:<4} "
+                              f"{c.name:16} {sample.rps:>9,.0f} req/s  p50 "
+                              f"{fmt_us(sample.p50_us):>9}  p99 {fmt_us(sample.p99_us):>9}  "
+                              f"errors {sample.socket_errors}+{sample.non2xx}  served "
+                              f"{sample.served}/{conns}  CPU {sample.cpu_us:.0f} us/req",
+                              flush=True)  # fmt: skip
+            round_time = time.monotonic() - round_started
+    finally:
+        for c in contenders:
+            stop_server(c.server)
+    rows = summarize(contenders, scenarios)
+    path = Path(args.json) if args.json else log_dir / "http_bench.json"
+    path.write_text(json.dumps({
+        "machine": machine(), "argv": sys.argv[1:], "duration": args.duration,
+        "gthread_threads": GTHREAD_THREADS, "rows": rows,
+        "samples": {f"{c.name} w{c.workers}": {k: [asdict(s) for s in v]
+                                               for k, v in c.samples.items()}
+                    for c in contenders},
+    }, indent=1))  # fmt: skip
     print()
-    print(report(ours, theirs, scenarios, args.markdown))
+    print(report(rows, args.markdown))
+    print(f"http_bench: results in {path}; {time.monotonic() - started:.0f} s in all")
     return 0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def workers_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far (all threads; gone processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
 
 
 if __name__ == "__main__":
