@@ -40,17 +40,19 @@ class SlotState(enum.IntEnum):
 
 
 # pid, generation, state, booted, number, (pad: the first byte is the stop request),
-# served, beat, busy_since, spawned_at
-_LAYOUT = struct.Struct("<iIBBHxxxxQddd")
+# served, beat, busy_since, spawned_at, connections
+_LAYOUT = struct.Struct("<iIBBHxxxxQdddI")
 _BEAT = struct.Struct("<d")
 _STATE = struct.Struct("<B")
 _SERVED = struct.Struct("<Q")
+_CONNECTIONS = struct.Struct("<I")
 _STATE_OFFSET = 8
 _BOOTED_OFFSET = 9
 _ASKS_STOP_OFFSET = 12
 _SERVED_OFFSET = 16
 _BEAT_OFFSET = 24
 _BUSY_SINCE_OFFSET = 32
+_CONNECTIONS_OFFSET = 48
 
 SLOT_SIZE = 64
 SLOTS_PER_SEGMENT = mmap.PAGESIZE // SLOT_SIZE
@@ -72,6 +74,7 @@ class SlotView:
     beat: float
     busy_since: float
     spawned_at: float
+    connections: int = 0  # open connections, for workers that serve several at once
 
 
 class Slot:
@@ -92,14 +95,14 @@ class Slot:
         # The spawn time counts as the first beat, so a worker is given a full timeout to boot.
         _LAYOUT.pack_into(
             self._mem, self._offset, pid, generation, SlotState.BOOTING, 0, number, 0, now, 0.0,
-            now,
+            now, 0,
         )  # fmt: skip
 
     def set_pid(self, pid: int) -> None:
         struct.pack_into("<i", self._mem, self._offset, pid)
 
     def clear(self) -> None:
-        _LAYOUT.pack_into(self._mem, self._offset, 0, 0, SlotState.FREE, 0, 0, 0, 0.0, 0.0, 0.0)
+        _LAYOUT.pack_into(self._mem, self._offset, 0, 0, SlotState.FREE, 0, 0, 0, 0.0, 0.0, 0.0, 0)
 
     def beat(self, now: float) -> None:
         _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
@@ -131,6 +134,27 @@ class Slot:
     def stop_asked(self) -> bool:
         return bool(self._mem[self._offset + _ASKS_STOP_OFFSET])
 
+    def set_connections(self, count: int) -> None:
+        _CONNECTIONS.pack_into(self._mem, self._offset + _CONNECTIONS_OFFSET, count)
+
+    def fewest_connections_elsewhere(self) -> int | None:
+        """The fewest connections held by another worker that is serving (booted, not
+        stopping) in this slot's segment, or None if there is none. A worker sees the
+        segments mapped before it was forked; this reads only its own (64 slots with
+        4 KiB pages), which is every worker of all but the largest pools."""
+        mem, fewest = self._mem, None
+        for offset in range(0, SEGMENT_SIZE, SLOT_SIZE):
+            if (
+                offset == self._offset
+                or mem[offset + _STATE_OFFSET] not in _SERVING
+                or not mem[offset + _BOOTED_OFFSET]
+            ):
+                continue
+            count = _CONNECTIONS.unpack_from(mem, offset + _CONNECTIONS_OFFSET)[0]
+            if fewest is None or count < fewest:
+                fewest = count
+        return fewest
+
     def last_beat(self) -> float:
         return float(_BEAT.unpack_from(self._mem, self._offset + _BEAT_OFFSET)[0])
 
@@ -138,13 +162,17 @@ class Slot:
         return _view(self._mem, self._offset)
 
 
+_SERVING = (SlotState.IDLE, SlotState.BUSY)
+
+
 def _view(buffer: bytes | mmap.mmap, offset: int) -> SlotView:
-    pid, gen, state, booted, number, served, beat, busy_since, spawned = _LAYOUT.unpack_from(
+    pid, gen, state, booted, number, served, beat, busy_since, spawned, conns = _LAYOUT.unpack_from(
         buffer, offset
     )
     return SlotView(
-        pid, gen, SlotState(state), bool(booted), number, served, beat, busy_since, spawned
-    )
+        pid, gen, SlotState(state), bool(booted), number, served, beat, busy_since, spawned,
+        conns,
+    )  # fmt: skip
 
 
 class Scoreboard:

@@ -420,6 +420,7 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
     def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
         with self._threads_lock:
             self._active_threads += 1
+            worker.set_connections(self._active_threads)
             if self._active_threads == 1:
                 worker.busy()
         self._handle_one(request, client_address)  # type: ignore[attr-defined]
@@ -441,6 +442,7 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
         worker: Worker = self.worker  # type: ignore[attr-defined]
         with self._threads_lock:
             self._active_threads -= 1
+            worker.set_connections(self._active_threads)
             if self._active_threads == 0:
                 worker.idle()
             else:

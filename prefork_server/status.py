@@ -35,12 +35,13 @@ def format_status(master_pid: int, views: Sequence[SlotView], now: float) -> str
         f"{counts[SlotState.IDLE]} idle, {counts[SlotState.BOOTING]} booting, "
         f"{counts[SlotState.STOPPING]} stopping; {sum(v.served for v in views)} served"
     )
-    rows = [("worker", "pid", "gen", "state", "served", "current", "last beat", "age")]
+    rows = [("worker", "pid", "gen", "state", "served", "conns", "current", "last beat", "age")]
     for v in sorted(views, key=lambda v: (v.number, v.generation)):
         current = _age(now - v.busy_since) if v.state is SlotState.BUSY else "-"
         rows.append((
             f"[{v.number}]", str(v.pid), str(v.generation), v.state.name.lower(),
-            str(v.served), current, _age(now - v.beat) + " ago", _age(now - v.spawned_at),
+            str(v.served), str(v.connections), current, _age(now - v.beat) + " ago",
+            _age(now - v.spawned_at),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [

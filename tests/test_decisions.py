@@ -133,6 +133,30 @@ def test_scoreboard_slots_record_the_worker_side() -> None:
         board.close()
 
 
+def test_fewest_connections_elsewhere_counts_only_serving_workers() -> None:
+    board = Scoreboard()
+    try:
+        me, a, b, booting, stopping = (board.allocate(0, 1, 0.0) for _ in range(5))
+        assert me.fewest_connections_elsewhere() is None, "nobody else serves yet"
+        for slot in (me, a, b, stopping):
+            slot.mark_booted(1.0)
+        stopping.stopping()
+        booting.set_connections(0)  # cannot accept yet: must not count as the least loaded
+        stopping.set_connections(0)  # no longer accepts: same
+        me.set_connections(3)
+        a.set_connections(5)
+        b.set_connections(2)
+        assert me.fewest_connections_elsewhere() == 2
+        b.busy(2.0)
+        b.set_connections(7)
+        assert me.fewest_connections_elsewhere() == 5
+        assert me.read().connections == 3
+        board.release(a)
+        assert me.fewest_connections_elsewhere() == 7, "a freed slot is nobody"
+    finally:
+        board.close()
+
+
 def test_a_slot_is_shared_with_a_forked_child() -> None:
     board = Scoreboard()
     try:

@@ -7,17 +7,29 @@ connection that worker accepts. ``python -m examples.echo --asyncio``.
 The heartbeat is a task that calls ``worker.heartbeat()`` every ``poll_interval / 2``
 seconds: if anything blocks the event loop for longer than ``timeout``, the task cannot
 run, and the master kills the worker, as it would a stuck synchronous handler.
+
+Balance: an event loop waits on the listener even while it serves, so the kernel's
+choice of whom to wake (and the worker that is awake anyway) could hand one worker every
+connection while the others idle. Each worker records how many connections it holds in
+its scoreboard slot (``worker.set_connections``); one that holds more than another
+serving worker (``worker.least_loaded()``) leaves a new connection to the others for
+``ACCEPT_DEFER`` seconds before taking it itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import Any
 
 from prefork_server import Worker
 
 __all__ = ["AsyncioEchoMixIn"]
+
+#: How long a worker that holds more connections than another lets the others accept a
+#: new one before it accepts the connection itself.
+ACCEPT_DEFER = 0.002
 
 
 class AsyncioEchoMixIn:
@@ -52,22 +64,25 @@ class AsyncioEchoMixIn:
         # silent for request_timeout (one sweep, not a timer per read).
         self._last_heard: dict[asyncio.Task[None], float] = {}
 
-        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def client(conn: socket.socket) -> None:
             task = asyncio.current_task()
             assert task is not None
             clients[task] = False
-            self._active += 1
-            if self._active == 1:
-                worker.busy()
+            writer = None
             try:
+                reader, writer = await asyncio.open_connection(sock=conn)
                 await self._echo(reader, writer, stopping, clients, task)
             except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
                 pass
             finally:
-                writer.close()
+                if writer is not None:
+                    writer.close()
+                else:
+                    conn.close()
                 del clients[task]
                 self._last_heard.pop(task, None)
                 self._active -= 1
+                worker.set_connections(self._active)
                 if self._active == 0:
                     worker.idle()
                 else:
@@ -75,7 +90,40 @@ class AsyncioEchoMixIn:
                 if not worker.heartbeat():  # max_requests may have been reached
                     stopping.set()
 
-        server = await asyncio.start_server(client, sock=self.socket, backlog=1024)
+        listener = self.socket
+        retry: asyncio.TimerHandle | None = None
+
+        def accept() -> None:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # another worker was quicker, or the client gave up
+            conn.setblocking(False)
+            # Counted now, not when the task starts, so that the next readable()
+            # compares this worker's load with the others' truthfully.
+            self._active += 1
+            worker.set_connections(self._active)
+            if self._active == 1:
+                worker.busy()
+            loop.create_task(client(conn))
+
+        def readable() -> None:
+            nonlocal retry
+            if worker.least_loaded():
+                accept()  # one per wake-up: the load is compared again before the next
+                return
+            # Another worker holds fewer connections: let it take this one. If nobody
+            # has within a moment, take it ourselves (nothing waits long).
+            loop.remove_reader(listener.fileno())
+            retry = loop.call_later(ACCEPT_DEFER, accept_late)
+
+        def accept_late() -> None:
+            nonlocal retry
+            retry = None
+            accept()
+            loop.add_reader(listener.fileno(), readable)
+
+        loop.add_reader(listener.fileno(), readable)
         try:
             while not stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -87,7 +135,11 @@ class AsyncioEchoMixIn:
                     if heard < silent_since:
                         task.cancel()
         finally:
-            server.close()
+            if retry is not None:
+                retry.cancel()
+            else:
+                loop.remove_reader(listener.fileno())
+            listener.close()  # this worker's copy: the others keep accepting
             for fd in worker.wakeup_fds:
                 loop.remove_reader(fd)
             for task, quiet in list(clients.items()):
