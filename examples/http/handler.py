@@ -40,6 +40,7 @@ import logging
 import select
 import socket
 import socketserver
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ _REQUEST_START = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n"
 )
 _LAST_CHUNK = b"0\r\n\r\n"
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
+_WAITING_RECHECK = 0.001  # seconds a "nobody waits" answer is trusted
+_READABLE = 1  # _wait_for_request: the socket is readable
+_RECEIVED = 2  # _wait_for_request: h11 got the next bytes (or the EOF) already
 
 # h11 names, looked up once.
 _Request = h11.Request
@@ -231,6 +236,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._served = 0  # requests on this connection
         self._pending = False  # whether h11 has received bytes it has not parsed yet
         self._why = ""  # why the last wait ended without data, for the log
+        self._recv_timeout_set = False  # SO_RCVTIMEO, for the keep-alive wait
 
     def _new_process_state(self) -> dict[str, Any]:
         worker = getattr(self.server, "worker", None)
@@ -256,6 +262,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                 multithread=isinstance(self.server, socketserver.ThreadingMixIn),
             ),
             "keys": new_key_cache(),
+            "quiet_until": 0.0,  # _others_waiting: nobody waited when last asked
         }
 
     def finish(self) -> None:
@@ -305,9 +312,15 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                     now = time.monotonic()
                     deadline = now + settings.read_timeout
                     busy_deadline = now + settings.busy_read_timeout
-            if idle and not first and not self._wait_for_request(deadline):
-                return None
-            if not self._receive(deadline, stop_when_asked=idle, busy_deadline=busy_deadline):
+            received = False
+            if idle and not first:
+                waited = self._wait_for_request(deadline)
+                if not waited:
+                    return None
+                received = waited is _RECEIVED
+            if not received and not self._receive(
+                deadline, stop_when_asked=idle, busy_deadline=busy_deadline
+            ):
                 if not idle:
                     self._reject(408, f"timed out reading the request head ({self._why})")
                 elif first:
@@ -340,17 +353,42 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                 poller.register(self.request, kind)
         return poller
 
-    def _wait_for_request(self, deadline: float) -> bool:
-        """Wait, idle between two requests, until the socket is readable. False on
+    def _wait_for_request(self, deadline: float) -> int:
+        """Wait, idle between two requests, until the socket is readable (_READABLE) or
+        until h11 has been fed the next bytes or the EOF (_RECEIVED). False (0) on
         timeout, on a graceful stop, and when another client needs the worker."""
         worker = self._worker
-        readable = self._poller(_POLLIN)
         if worker is None or self._clients_waiting is None:
-            return self._wait(readable, deadline, stop_when_asked=True)
-        # First give the client a moment on its own, then watch the accept queue too.
-        soon = min(deadline, time.monotonic() + self._settings.keepalive_yield)
-        if readable.poll(_ms(soon - time.monotonic())):
-            return True
+            return self._wait(self._poller(_POLLIN), deadline, stop_when_asked=True)
+        # First give the client a moment on its own, then watch the accept queue too. The
+        # moment is a blocking recv with a kernel timeout (SO_RCVTIMEO, set once per
+        # connection, on its first keep-alive wait): one system call per request where a
+        # poll() and then a recv() would be two.
+        settings = self._settings
+        moment = min(settings.keepalive_yield, settings.keepalive_timeout)
+        if moment >= 0.001:
+            sock = self.request
+            if not self._recv_timeout_set:
+                self._recv_timeout_set = True
+                seconds = int(moment)
+                timeval = _TIMEVAL.pack(seconds, int((moment - seconds) * 1_000_000))
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                except OSError:
+                    return self._wait(self._poller(_POLLIN), deadline, stop_when_asked=True)
+            try:
+                n = sock.recv_into(self._buf, _RECV_SIZE)
+            except BlockingIOError:  # the kernel timeout: nothing came in the moment
+                n = -1
+            except OSError:  # reset by the peer: as good as an EOF
+                n = 0
+            if n > 0:
+                self._conn.receive_data(self._view[:n])  # type: ignore[arg-type]
+                return _RECEIVED
+            if n == 0:
+                self._eof = True
+                self._conn.receive_data(b"")
+                return _RECEIVED
         if not worker.heartbeat():
             return False
         return self._wait_unless_clients_wait(deadline, stop_when_asked=True)
@@ -844,9 +882,22 @@ class HTTPHandler(socketserver.BaseRequestHandler):
     # -- helpers ------------------------------------------------------------------------
 
     def _others_waiting(self) -> bool:
-        """True if a client waits in the accept queue (prefork servers only)."""
+        """True if a client waits in the accept queue (prefork servers only).
+
+        Asked before each keep-alive response; after a "no", the next millisecond's
+        responses take it as still "no" without asking the kernel again (a poll() each):
+        a client that starts waiting then gets its turn at most a millisecond later."""
         clients_waiting = self._clients_waiting
-        return clients_waiting is not None and clients_waiting()
+        if clients_waiting is None:
+            return False
+        now = time.monotonic()
+        state = self._state
+        if now < state["quiet_until"]:
+            return False
+        if clients_waiting():
+            return True
+        state["quiet_until"] = now + _WAITING_RECHECK
+        return False
 
     def _peer(self) -> str:
         address = self.client_address
