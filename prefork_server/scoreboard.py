@@ -143,14 +143,14 @@ class Slot:
         segments mapped before it was forked; this reads only its own (64 slots with
         4 KiB pages), which is every worker of all but the largest pools."""
         mem, fewest = self._mem, None
-        for offset in range(0, SEGMENT_SIZE, SLOT_SIZE):
-            if (
-                offset == self._offset
-                or mem[offset + _STATE_OFFSET] not in _SERVING
-                or not mem[offset + _BOOTED_OFFSET]
-            ):
+        # One slice per field across the segment: far cheaper than reading 64 slots.
+        states = mem[_STATE_OFFSET:SEGMENT_SIZE:SLOT_SIZE]
+        booted = mem[_BOOTED_OFFSET:SEGMENT_SIZE:SLOT_SIZE]
+        mine = self._offset // SLOT_SIZE
+        for i, state in enumerate(states):
+            if i == mine or state not in _SERVING or not booted[i]:
                 continue
-            count = _CONNECTIONS.unpack_from(mem, offset + _CONNECTIONS_OFFSET)[0]
+            count = _CONNECTIONS.unpack_from(mem, i * SLOT_SIZE + _CONNECTIONS_OFFSET)[0]
             if fewest is None or count < fewest:
                 fewest = count
         return fewest
@@ -162,7 +162,7 @@ class Slot:
         return _view(self._mem, self._offset)
 
 
-_SERVING = (SlotState.IDLE, SlotState.BUSY)
+_SERVING = frozenset({int(SlotState.IDLE), int(SlotState.BUSY)})
 
 
 def _view(buffer: bytes | mmap.mmap, offset: int) -> SlotView:

@@ -79,7 +79,6 @@ class Worker:
         self.timeout = timeout
         self.logger = logger
         self._slot = slot
-        self._connections = 0
         self._death_fd = death_fd
         self._reopen_logs = reopen_logs
         self._alive = True
@@ -189,22 +188,22 @@ class Worker:
     def set_connections(self, count: int) -> None:
         """Record how many connections this worker holds now (a worker that serves
         several at once: threads, an event loop). Shown by ``prefork-server status`` and
-        read by the other workers' :meth:`least_loaded`. No system call."""
-        self._connections = count
+        read by the other workers' :meth:`fewest_connections_elsewhere`. No system
+        call."""
         self._slot.set_connections(count)
 
-    def least_loaded(self) -> bool:
-        """True unless another serving worker holds fewer connections than this one (as
-        recorded with :meth:`set_connections`).
+    def fewest_connections_elsewhere(self) -> int | None:
+        """The fewest connections another serving worker holds (as recorded with
+        :meth:`set_connections`), or None if no other worker serves. Reads shared memory
+        only: no system call.
 
         For workers that accept while they already serve: the kernel wakes whichever
-        worker waits on the listener, and an event loop is always waiting, so one worker
-        can end up with every connection while the others idle. A worker that is not the
-        least loaded should let the others accept first (for a moment only: it must still
-        accept if nobody else does).
+        worker waits on the listener, and an event loop always waits, so one worker can
+        end up with every connection while another idles. A worker that holds connections
+        while another holds none may leave a new connection to that one (for a moment
+        only: it must still accept if nobody else does).
         """
-        fewest = self._slot.fewest_connections_elsewhere()
-        return fewest is None or self._connections <= fewest
+        return self._slot.fewest_connections_elsewhere()
 
     @property
     def alive(self) -> bool:

@@ -220,41 +220,44 @@ def test_asyncio_drops_a_silent_client_and_keeps_a_talking_one(run, tmp_path: Pa
 
 
 def test_asyncio_workers_share_the_connections(run) -> None:
-    """An event loop always waits on the listener, so without a policy whichever worker
-    wakes first takes connection after connection; the least loaded one must get it."""
+    """An event loop always waits on the listener, so without a policy the worker that is
+    awake anyway (serving a busy client) wins the race for the next connection while
+    the other one idles: two busy clients would share one worker. Each round opens two
+    chatty connections: each worker must hold one."""
     proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "2", "--asyncio")
     port = proc.port()
-    wait_for(lambda: len([v for v in read_scoreboard(proc.pid) if v.booted]) == 2,
-             what="both workers booted")  # fmt: skip
-    socks: list[socket.socket] = []
+
+    def counts() -> list[int]:
+        return sorted(v.connections for v in read_scoreboard(proc.pid) if v.booted)
+
+    wait_for(lambda: len(counts()) == 2, what="both workers booted")
     done = threading.Event()
 
     def chatter(s: socket.socket) -> None:
-        # Keeps its worker's event loop running: that worker is awake when a new
-        # connection arrives, and would win the race to accept it every time.
-        while not done.is_set():
+        while not done.is_set():  # keeps its worker's event loop awake
             s.sendall(b"x" * 64)
             if len(recv_exactly(s, 64)) < 64:
                 return
 
-    chatters = []
-    try:
-        for i in range(6):  # one at a time: each is accepted before the next connects
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            socks.append(s)
-            s.sendall(b"%d" % i)
-            assert recv_exactly(s, len(b"%d" % i)) == b"%d" % i
-            chatters.append(threading.Thread(target=chatter, args=(s,), daemon=True))
-            chatters[-1].start()
-        held = sorted(v.connections for v in read_scoreboard(proc.pid))
-        assert sum(held) == 6 and held[0] >= 2, held
-    finally:
-        done.set()
-        for t in chatters:
-            t.join(10)
-        for s in socks:
-            s.close()
-    wait_for(lambda: sum(v.connections for v in read_scoreboard(proc.pid)) == 0,
-             what="the connections to be counted out")  # fmt: skip
+    for round in range(3):
+        socks: list[socket.socket] = []
+        chatters: list[threading.Thread] = []
+        done.clear()
+        try:
+            for i in range(2):  # one at a time: the first is busy when the second comes
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                socks.append(s)
+                s.sendall(b"%d" % i)
+                assert recv_exactly(s, 1) == b"%d" % i
+                chatters.append(threading.Thread(target=chatter, args=(s,), daemon=True))
+                chatters[-1].start()
+            assert counts() == [1, 1], f"round {round}: {counts()}"
+        finally:
+            done.set()
+            for t in chatters:
+                t.join(10)
+            for s in socks:
+                s.close()
+        wait_for(lambda: counts() == [0, 0], what="the connections to be counted out")
     proc.signal(signal.SIGQUIT)
     assert proc.wait(30) == 0

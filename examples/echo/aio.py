@@ -8,12 +8,13 @@ The heartbeat is a task that calls ``worker.heartbeat()`` every ``poll_interval 
 seconds: if anything blocks the event loop for longer than ``timeout``, the task cannot
 run, and the master kills the worker, as it would a stuck synchronous handler.
 
-Balance: an event loop waits on the listener even while it serves, so the kernel's
-choice of whom to wake (and the worker that is awake anyway) could hand one worker every
-connection while the others idle. Each worker records how many connections it holds in
-its scoreboard slot (``worker.set_connections``); one that holds more than another
-serving worker (``worker.least_loaded()``) leaves a new connection to the others for
-``ACCEPT_DEFER`` seconds before taking it itself.
+Balance: an event loop waits on the listener even while it serves, so the worker that is
+awake anyway (serving a busy client) wins the race for each new connection, and could take
+every one while another worker idles. Each worker records how many connections it holds in
+its scoreboard slot (``worker.set_connections``); one that holds some while another
+serving worker holds none (``worker.fewest_connections_elsewhere() == 0``) leaves the new
+connection to that one for up to ``ACCEPT_DEFER`` seconds before taking it itself. A
+worker with no connection never defers, so it always listens.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from prefork_server import Worker
 
 __all__ = ["AsyncioEchoMixIn"]
 
-#: How long a worker that holds more connections than another lets the others accept a
-#: new one before it accepts the connection itself.
+#: How long a worker that holds connections, while another holds none, leaves a new
+#: connection to the others before it accepts it itself.
 ACCEPT_DEFER = 0.002
 
 
@@ -83,6 +84,10 @@ class AsyncioEchoMixIn:
                 self._last_heard.pop(task, None)
                 self._active -= 1
                 worker.set_connections(self._active)
+                if retry is not None and self._active == 0:
+                    # With no connection left, the others may leave the next one to
+                    # us: listen again at once.
+                    accept_late()
                 if self._active == 0:
                     worker.idle()
                 else:
@@ -109,17 +114,21 @@ class AsyncioEchoMixIn:
 
         def readable() -> None:
             nonlocal retry
-            if worker.least_loaded():
+            if not (self._active and worker.fewest_connections_elsewhere() == 0):
                 accept()  # one per wake-up: the load is compared again before the next
                 return
-            # Another worker holds fewer connections: let it take this one. If nobody
-            # has within a moment, take it ourselves (nothing waits long).
+            # Another worker holds no connection: let it take this one. If it has not
+            # within a moment, take it ourselves (nothing waits long).
             loop.remove_reader(listener.fileno())
             retry = loop.call_later(ACCEPT_DEFER, accept_late)
 
         def accept_late() -> None:
             nonlocal retry
+            if retry is not None:
+                retry.cancel()
             retry = None
+            if listener.fileno() < 0:
+                return  # stopping: the listener is closed
             accept()
             loop.add_reader(listener.fileno(), readable)
 
@@ -137,6 +146,7 @@ class AsyncioEchoMixIn:
         finally:
             if retry is not None:
                 retry.cancel()
+                retry = None
             else:
                 loop.remove_reader(listener.fileno())
             listener.close()  # this worker's copy: the others keep accepting
