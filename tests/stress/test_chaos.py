@@ -2,8 +2,9 @@
 
 1. Worker chaos: under steady load, ``kill -9`` a random worker every 100 ms for 10 s.
    The master survives, the worker count is restored soon after the last kill, and the
-   only failed requests are those in flight in a killed worker: at most one per kill (an
-   echo worker serves one connection at a time).
+   only failed requests are those in flight in a killed worker: at most one per kill for
+   a synchronous echo worker (one connection at a time), at most the clients it held for
+   one with handler threads or an event loop (each mode is run).
 6. Master death: ``kill -9`` of the master, under load and with an idle client holding a
    worker, makes every worker exit within 2 s; nothing is left listening on the port or
    running, and a new server starts on the same port and the stale pid file.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -45,12 +47,28 @@ KILL_EVERY = 0.1
 RESTORE_BOUND = 1.0
 
 
-def test_worker_chaos_kill_9_a_random_worker_every_100ms(spawn) -> None:
+def last_spawn(log: str) -> float:
+    """The wall-clock time of the master's last "spawned worker" line (the log's
+    ``asctime`` has milliseconds)."""
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*spawned worker", log, re.M)
+    assert stamps, "no worker was spawned"
+    whole, millis = stamps[-1]
+    return time.mktime(time.strptime(whole, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+@pytest.mark.parametrize(
+    "mode", [[], ["--threads", "8"], ["--asyncio"]], ids=["sync", "threads", "asyncio"]
+)
+def test_worker_chaos_kill_9_a_random_worker_every_100ms(spawn, mode: list[str]) -> None:
     workers = 4
-    proc, address, _ = start_echo(spawn, workers=workers)
+    concurrency = 8
+    # A synchronous worker has at most one connection in flight; a worker with threads
+    # or an event loop may hold every client's.
+    in_flight_per_kill = concurrency if mode else 1
+    proc, address, _ = start_echo(spawn, *mode, workers=workers)
     rng = random.Random(6)
     killed: list[int] = []
-    with EchoLoad(address, concurrency=8, timeout=10) as load:
+    with EchoLoad(address, concurrency=concurrency, timeout=10) as load:
         load.wait_answered(200)
         start = time.monotonic()
         next_kill = start
@@ -63,32 +81,48 @@ def test_worker_chaos_kill_9_a_random_worker_every_100ms(spawn) -> None:
                     killed.append(victim)
                 except ProcessLookupError:
                     pass  # died on its own meanwhile: not our kill
-            last_kill = time.monotonic()
+            last_kill = time.time()  # wall clock, to compare with the master's log
             next_kill += KILL_EVERY  # the pacing is the scenario, not a wait
+            if next_kill - start >= CHAOS_SECONDS:
+                break  # no pause after the last kill: it would count as restoring time
             time.sleep(max(0.0, next_kill - time.monotonic()))
 
         def whole() -> bool:
             return len(children(proc.pid)) == workers
 
         wait_for(whole, timeout=10, interval=0.002, what=f"{workers} workers again")
-        restored = time.monotonic() - last_kill
+        seen_whole = time.time() - last_kill
+        # When the master forked the last replacement, from its own log: this test's
+        # threads (the load, this loop) share one GIL and two CPUs, so when this thread
+        # sees the pool whole may be long after the master made it so.
+        restored = last_spawn(proc.output()) - last_kill
         during = load.result.answered
         load.wait_answered(200)  # and the new workers serve
     result = load.result
     report(
         "1-worker-chaos",
         result,
+        mode=" ".join(mode) or "sync",
         workers=workers,
         kills=len(killed),
         seconds=CHAOS_SECONDS,
         restored_s=restored,
+        seen_whole_s=seen_whole,
         answered_during_chaos=during,
     )
     assert is_alive(proc.pid), "the master survives"
     assert result.refused == 0, result
-    assert result.failed <= len(killed), f"more failures than kills ({len(killed)}): {result}"
+    assert result.failed <= len(killed) * in_flight_per_kill, (
+        f"more failures than {in_flight_per_kill} per kill ({len(killed)}): {result}"
+    )
     assert set(result.reasons) <= {"ConnectionResetError", "closed before the answer"}, result
-    assert restored < RESTORE_BOUND, f"{workers} workers only {restored:.2f}s after the last kill"
+    unusual = [line for line in proc.output().splitlines()
+               if "master:" in line and "killed by SIGKILL" not in line
+               and "spawned worker" not in line]  # fmt: skip
+    assert restored < RESTORE_BOUND, (
+        f"{workers} workers only {restored:.2f}s after the last kill; master log:\n"
+        + "\n".join(unusual[-20:])
+    )
     assert ask(address) == b"hello\n"
     assert quit_and_wait(proc) == 0
 
