@@ -17,7 +17,10 @@ Design choices, each for a reason:
   waits go through ``poll()`` in slices of at most ``worker.poll_interval``, each slice
   stamping the worker's heartbeat. A keep-alive or slow client therefore never gets the
   worker killed, and never holds it longer than the configured timeouts. No ``fcntl`` per
-  connection, no hidden ``poll`` before each ``recv`` as ``settimeout()`` would add.
+  connection, no hidden ``poll`` before each ``recv`` as ``settimeout()`` would add. The
+  exception, for the most frequent wait: the first ``keepalive_yield`` seconds of waiting
+  for the next request on a keep-alive connection are a blocking ``recv`` with a kernel
+  timeout (``SO_RCVTIMEO``), one system call where ``poll`` + ``recv`` would be two.
 * h11 parses requests and bodies; responses are written by :mod:`.response` (see there
   why). Since h11 never sees our responses, each request gets its own ``h11.Connection``
   (0.7 us), fed with whatever the previous one had received beyond its request.
