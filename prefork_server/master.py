@@ -41,7 +41,7 @@ from .daemon import full_process_titles, set_process_title
 from .hooks import Hooks
 from .scoreboard import Scoreboard, Slot, SlotState
 from .upgrade import Upgrader
-from .worker import Worker
+from .worker import Worker, load_prctl
 
 __all__ = [
     "Action",
@@ -306,6 +306,7 @@ class Master:
     def run(self) -> None:
         """Run the master loop until a stop completes. Raises :class:`BootError`."""
         set_process_title(f"{self._app_name} master")
+        load_prctl()  # once here, not in every worker as it boots
         self._install_signals()
         try:
             while True:

@@ -285,15 +285,31 @@ class Worker:
         self._reopen_requested = True
 
 
-def _set_parent_death_signal(signum: int) -> None:
-    """Ask Linux to send ``signum`` when the master dies; a no-op elsewhere."""
+_prctl: Callable[..., int] | None = None
+_prctl_loaded = False
+
+
+def load_prctl() -> None:
+    """Resolve libc's ``prctl`` through ctypes, once. The master calls this before it
+    forks, so that a booting worker does not import ctypes (files opened while it
+    boots, and milliseconds per worker) to set its parent-death signal. Linux only."""
+    global _prctl, _prctl_loaded
+    if _prctl_loaded:
+        return
+    _prctl_loaded = True
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # no libc symbol: the pipe still works
-        pass
+        _prctl = None
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Ask Linux to send ``signum`` when the master dies; a no-op elsewhere."""
+    load_prctl()
+    if _prctl is not None:
+        pr_set_pdeathsig = 1
+        _prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)

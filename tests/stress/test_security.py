@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, children, is_alive, wait_for, wait_workers
 
+from prefork_server.scoreboard import read_scoreboard
+
 from .common import CLI, ECHO, ask, fds, proc_status, quit_and_wait, report, start_echo
 
 pytestmark = pytest.mark.stress
@@ -162,7 +164,9 @@ def test_workers_hold_only_the_descriptors_they_need(spawn, tmp_path: Path, mode
         master, address = int(m.group(1)), ("127.0.0.1", int(m.group(2)))
         spawn.track(master)
         workers = wait_workers(master, 2)
-    # Every worker has served (and finished) a few connections.
+    # Both have booted (nothing half-imported), and served and finished a few connections.
+    wait_for(lambda: sum(v.booted for v in read_scoreboard(master)) == 2, 10,
+             what="both workers booted")  # fmt: skip
     for _ in range(20):
         assert ask(address) == b"hello\n"
     wait_idle(master, workers)
