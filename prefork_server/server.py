@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import select
@@ -29,6 +30,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,25 @@ __all__ = [
 
 # A peer that goes away is routine for a server, not an error worth a traceback.
 _PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+#: After an accept() failure that retrying at once cannot cure (out of descriptors or
+#: memory), the worker stops watching the listener for this long instead of spinning.
+ACCEPT_BACKOFF = 0.5
+# Errors that Linux's accept() reports for the connection being accepted (see accept(2)):
+# that one is lost, the next may be fine.
+_ACCEPT_NETWORK_ERRORS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENETDOWN",
+        "EPROTO",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )  # fmt: skip
+    if hasattr(errno, name)
+)
 
 
 class PreforkMixIn(socketserver.BaseServer):
@@ -309,10 +330,15 @@ class PreforkMixIn(socketserver.BaseServer):
         once it is False.
         """
         listener = self.socket.fileno()
+        self._accept_paused_until = 0.0
         with _Poller(listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept) as poll:
             while self._keep_serving(worker):
-                poll.watch_listener(self.ready_to_accept())
-                for fd in poll.wait(worker.poll_interval):
+                wait = worker.poll_interval
+                paused = self._accept_paused_until - time.monotonic()
+                if paused > 0:
+                    wait = min(wait, paused)
+                poll.watch_listener(paused <= 0 and self.ready_to_accept())
+                for fd in poll.wait(wait):
                     if fd == listener:
                         self._accept_until_empty(worker)
                     elif fd == self._loop_r:
@@ -361,8 +387,17 @@ class PreforkMixIn(socketserver.BaseServer):
                 request, client_address = self.get_request()
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued: take the next one
             except OSError as e:
-                self._log.warning("accept failed: %s", e)
+                if e.errno in _ACCEPT_NETWORK_ERRORS:
+                    continue  # that connection's own error (accept(2) on Linux): next
+                # Out of descriptors or memory, or worse: the connection stays queued
+                # (another worker may take it) and the listener readable, so waiting on
+                # it again at once would spin.
+                self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+                self._log.warning("worker[%d] cannot accept: %s; pausing %.1fs",
+                                  worker.number, e, ACCEPT_BACKOFF)  # fmt: skip
                 return
             self._run_connection(worker, request, client_address)
             if not self._keep_serving(worker):

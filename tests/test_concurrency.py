@@ -7,6 +7,7 @@ worker serving one connection at a time could never do.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -259,5 +260,78 @@ def test_asyncio_workers_share_the_connections(run) -> None:
             for s in socks:
                 s.close()
         wait_for(lambda: counts() == [0, 0], what="the connections to be counted out")
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+
+
+EMFILE_CONFIG = """\
+import os
+import resource
+
+
+def after_fork(worker):
+    # Room for a few connections only, counted from what the worker holds now (its
+    # event loop or poller will take a few more).
+    limit = len(os.listdir("/proc/self/fd")) + 8
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("mode", [["--threads", "32"], ["--asyncio"]], ids=["threads", "asyncio"])
+def test_out_of_descriptors_pauses_accepting_and_loses_no_client(
+    run, tmp_path: Path, mode: list[str]
+) -> None:
+    (tmp_path / "conf.py").write_text(EMFILE_CONFIG)
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "1", "--config",
+               str(tmp_path / "conf.py"), *mode)  # fmt: skip
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(b"%02d" % i)
+        proc.wait_output(r"\[Errno 24\] Too many open files")
+        # Out of descriptors, the worker must not spin on its readable listener.
+        before, started = cpu_seconds(worker), time.monotonic()
+        time.sleep(1.0)  # a measuring window, not a wait for a condition
+        busy = (cpu_seconds(worker) - before) / (time.monotonic() - started)
+        assert busy < 0.3, f"the worker used {busy:.0%} of a CPU while it could not accept"
+        assert proc.output().count("Too many open files") <= 6, "one warning per pause"
+        answered = []
+        for s in socks:
+            s.settimeout(0.2)
+            try:
+                answered.append(recv_exactly(s, 2) != b"")
+            except TimeoutError:
+                answered.append(False)
+        assert 0 < sum(answered) < len(socks), answered
+        # Each client that got its answer leaves, freeing a descriptor in the worker for
+        # a queued one: in the end every client is answered.
+        waiting = {i: s for i, s in enumerate(socks) if not answered[i]}
+        for s, done in zip(socks, answered, strict=True):
+            if done:
+                s.close()
+        deadline = time.monotonic() + 20
+        while waiting and time.monotonic() < deadline:
+            for i, s in list(waiting.items()):
+                s.settimeout(0.05)
+                try:
+                    data = recv_exactly(s, 2)
+                except TimeoutError:
+                    continue
+                assert data == b"%02d" % i, f"client {i} got {data!r}"
+                s.close()
+                del waiting[i]
+        assert not waiting, f"queued clients never answered: {sorted(waiting)}"
+    finally:
+        for s in socks:
+            s.close()
+    assert proc.workers() == [worker], "the worker survived"
     proc.signal(signal.SIGQUIT)
     assert proc.wait(30) == 0

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from typing import Any
 
 from prefork_server import Worker
+from prefork_server.server import ACCEPT_BACKOFF
 
 __all__ = ["AsyncioEchoMixIn"]
 
 #: How long a worker that holds connections, while another holds none, leaves a new
 #: connection to the others before it accepts it itself.
 ACCEPT_DEFER = 0.002
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class AsyncioEchoMixIn:
@@ -99,10 +102,25 @@ class AsyncioEchoMixIn:
         retry: asyncio.TimerHandle | None = None
 
         def accept() -> None:
+            nonlocal retry
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # another worker was quicker, or the client gave up
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    return  # that connection's own error: the next may be fine
+                # The listener stays readable: stop watching it for a while, or spin.
+                worker.logger.warning(
+                    "worker[%d] cannot accept: %s; pausing %.1fs",
+                    worker.number, e, ACCEPT_BACKOFF,
+                )  # fmt: skip
+                if retry is None:
+                    loop.remove_reader(listener.fileno())
+                else:
+                    retry.cancel()
+                retry = loop.call_later(ACCEPT_BACKOFF, accept_late)
+                return
             conn.setblocking(False)
             # Counted now, not when the task starts, so that the next readable()
             # compares this worker's load with the others' truthfully.
@@ -130,7 +148,8 @@ class AsyncioEchoMixIn:
             if listener.fileno() < 0:
                 return  # stopping: the listener is closed
             accept()
-            loop.add_reader(listener.fileno(), readable)
+            if retry is None:  # not paused by accept() (out of descriptors)
+                loop.add_reader(listener.fileno(), readable)
 
         loop.add_reader(listener.fileno(), readable)
         try:
