@@ -40,11 +40,13 @@ from .sockets import clear_stale_unix_socket, take_inherited_socket
 from .worker import Worker
 
 __all__ = [
+    "ACCEPT_BACKOFF",
     "PreforkMixIn",
     "PreforkTCPServer",
     "PreforkThreadingMixIn",
     "PreforkThreadingTCPServer",
     "PreforkUnixStreamServer",
+    "accept_error_is_transient",
 ]
 
 # A peer that goes away is routine for a server, not an error worth a traceback.
@@ -52,11 +54,11 @@ _PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 #: After an accept() failure that retrying at once cannot cure (out of descriptors or
 #: memory), the worker stops watching the listener for this long instead of spinning.
 ACCEPT_BACKOFF = 0.5
-# Errors that Linux's accept() reports for the connection being accepted (see accept(2)):
-# that one is lost, the next may be fine.
+# Errors that Linux's accept() reports for the connection being accepted (see accept(2)).
 _ACCEPT_NETWORK_ERRORS = frozenset(
     getattr(errno, name)
     for name in (
+        "ECONNABORTED",
         "ENETDOWN",
         "EPROTO",
         "ENOPROTOOPT",
@@ -68,6 +70,16 @@ _ACCEPT_NETWORK_ERRORS = frozenset(
     )  # fmt: skip
     if hasattr(errno, name)
 )
+
+
+def accept_error_is_transient(error: OSError) -> bool:
+    """True if an ``accept()`` failure concerned only the connection being accepted
+    (the client gave up while queued, or a network error Linux reports through
+    ``accept()``): take the next one. False otherwise (out of descriptors or memory, or
+    worse): the connection stays queued and the listener readable, so a worker that
+    waits on it again at once spins; it should stop watching it for
+    :data:`ACCEPT_BACKOFF` seconds. For loops of one's own (an event loop's accept)."""
+    return error.errno in _ACCEPT_NETWORK_ERRORS
 
 
 class PreforkMixIn(socketserver.BaseServer):
@@ -334,9 +346,13 @@ class PreforkMixIn(socketserver.BaseServer):
         with _Poller(listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept) as poll:
             while self._keep_serving(worker):
                 wait = worker.poll_interval
-                paused = self._accept_paused_until - time.monotonic()
-                if paused > 0:
-                    wait = min(wait, paused)
+                paused = 0.0
+                if self._accept_paused_until:  # no clock read unless accept() failed
+                    paused = self._accept_paused_until - time.monotonic()
+                    if paused > 0:
+                        wait = min(wait, paused)
+                    else:
+                        self._accept_paused_until = 0.0
                 poll.watch_listener(paused <= 0 and self.ready_to_accept())
                 for fd in poll.wait(wait):
                     if fd == listener:
@@ -387,14 +403,10 @@ class PreforkMixIn(socketserver.BaseServer):
                 request, client_address = self.get_request()
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
-            except ConnectionAbortedError:
-                continue  # the client gave up while queued: take the next one
             except OSError as e:
-                if e.errno in _ACCEPT_NETWORK_ERRORS:
-                    continue  # that connection's own error (accept(2) on Linux): next
-                # Out of descriptors or memory, or worse: the connection stays queued
-                # (another worker may take it) and the listener readable, so waiting on
-                # it again at once would spin.
+                if accept_error_is_transient(e):
+                    continue
+                # Another worker may take the queued connection meanwhile.
                 self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
                 self._log.warning("worker[%d] cannot accept: %s; pausing %.1fs",
                                   worker.number, e, ACCEPT_BACKOFF)  # fmt: skip

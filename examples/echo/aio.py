@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 from typing import Any
 
 from prefork_server import Worker
-from prefork_server.server import ACCEPT_BACKOFF
+from prefork_server.server import ACCEPT_BACKOFF, accept_error_is_transient
 
 __all__ = ["AsyncioEchoMixIn"]
 
 #: How long a worker that holds connections, while another holds none, leaves a new
 #: connection to the others before it accepts it itself.
 ACCEPT_DEFER = 0.002
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class AsyncioEchoMixIn:
@@ -105,10 +103,10 @@ class AsyncioEchoMixIn:
             nonlocal retry
             try:
                 conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return  # another worker was quicker, or the client gave up
+            except (BlockingIOError, InterruptedError):
+                return  # another worker was quicker
             except OSError as e:
-                if e.errno not in _OUT_OF_RESOURCES:
+                if accept_error_is_transient(e):
                     return  # that connection's own error: the next may be fine
                 # The listener stays readable: stop watching it for a while, or spin.
                 worker.logger.warning(
