@@ -149,7 +149,8 @@ def test_an_idle_echo_client_outlives_the_timeout_and_quit_ends_it(run) -> None:
     assert "missed its heartbeat" not in out and "deadline passed" not in out, out
 
 
-def test_request_timeout_drops_a_silent_echo_client(run, spawn, tmp_path: Path) -> None:
+def impatient_echo(spawn, tmp_path: Path) -> tuple[Proc, int, int]:
+    """One echo worker whose handler drops a client after 0.5 s: (proc, port, worker)."""
     (tmp_path / "shortecho.py").write_text(
         "from examples.echo import EchoHandler\n\n\n"
         "class Impatient(EchoHandler):\n    request_timeout = 0.5\n"
@@ -159,6 +160,11 @@ def test_request_timeout_drops_a_silent_echo_client(run, spawn, tmp_path: Path) 
                   "shortecho:Impatient"], cwd=tmp_path)  # fmt: skip
     port = proc.port()
     (worker,) = wait_workers(proc.pid, 1)
+    return proc, port, worker
+
+
+def test_request_timeout_drops_a_silent_echo_client(spawn, tmp_path: Path) -> None:
+    proc, port, worker = impatient_echo(spawn, tmp_path)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"ping")
         assert recv_exactly(s, 4) == b"ping"
@@ -170,14 +176,7 @@ def test_request_timeout_drops_a_silent_echo_client(run, spawn, tmp_path: Path) 
 
 
 def test_request_timeout_drops_an_echo_client_that_never_reads(spawn, tmp_path: Path) -> None:
-    (tmp_path / "shortecho.py").write_text(
-        "from examples.echo import EchoHandler\n\n\n"
-        "class Impatient(EchoHandler):\n    request_timeout = 0.5\n"
-    )
-    proc = spawn([*CLI, "--bind", "127.0.0.1:0", "--workers", "1", "--timeout", "5",
-                  "shortecho:Impatient"], cwd=tmp_path)  # fmt: skip
-    port = proc.port()
-    (worker,) = wait_workers(proc.pid, 1)
+    proc, port, worker = impatient_echo(spawn, tmp_path)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         # Send and never read: the echo fills both buffers, the worker's send blocks,
         # and after request_timeout the worker gives up on this client.

@@ -47,13 +47,18 @@ KILL_EVERY = 0.1
 RESTORE_BOUND = 1.0
 
 
-def last_spawn(log: str) -> float:
-    """The wall-clock time of the master's last "spawned worker" line (the log's
-    ``asctime`` has milliseconds)."""
-    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*spawned worker", log, re.M)
-    assert stamps, "no worker was spawned"
-    whole, millis = stamps[-1]
-    return time.mktime(time.strptime(whole, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+def spawn_times(log: str) -> dict[int, float]:
+    """Worker pid -> the wall-clock time of the master's "spawned worker" line for it
+    (the log's ``asctime`` has milliseconds)."""
+    found = re.findall(
+        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*spawned worker\[\d+\] pid (\d+)$",
+        log,
+        re.M,
+    )
+    return {
+        int(pid): time.mktime(time.strptime(whole, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+        for whole, ms, pid in found
+    }
 
 
 @pytest.mark.parametrize(
@@ -79,23 +84,31 @@ def test_worker_chaos_kill_9_a_random_worker_every_100ms(spawn, mode: list[str])
                 try:
                     os.kill(victim, signal.SIGKILL)
                     killed.append(victim)
+                    last_kill = time.time()  # wall clock, to compare with the master's log
                 except ProcessLookupError:
                     pass  # died on its own meanwhile: not our kill
-            last_kill = time.time()  # wall clock, to compare with the master's log
             next_kill += KILL_EVERY  # the pacing is the scenario, not a wait
             if next_kill - start >= CHAOS_SECONDS:
                 break  # no pause after the last kill: it would count as restoring time
             time.sleep(max(0.0, next_kill - time.monotonic()))
 
         def whole() -> bool:
-            return len(children(proc.pid)) == workers
+            # The last victim may still look alive for a moment after the kill.
+            pool = children(proc.pid)
+            return len(pool) == workers and killed[-1] not in pool
 
         wait_for(whole, timeout=10, interval=0.002, what=f"{workers} workers again")
         seen_whole = time.time() - last_kill
         # When the master forked the last replacement, from its own log: this test's
         # threads (the load, this loop) share one GIL and two CPUs, so when this thread
         # sees the pool whole may be long after the master made it so.
-        restored = last_spawn(proc.output()) - last_kill
+        # The master logs a spawn just after the fork, so the line may trail the process.
+        pool = children(proc.pid)
+        spawned = wait_for(
+            lambda: (lambda t: t if set(pool) <= set(t) else None)(spawn_times(proc.output())),
+            what="the spawn lines of the current workers",
+        )
+        restored = max(spawned[pid] for pid in pool) - last_kill
         during = load.result.answered
         load.wait_answered(200)  # and the new workers serve
     result = load.result
