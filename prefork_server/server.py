@@ -347,12 +347,18 @@ class PreforkMixIn(socketserver.BaseServer):
             while self._keep_serving(worker):
                 wait = worker.poll_interval
                 paused = 0.0
-                if self._accept_paused_until:  # no clock read unless accept() failed
-                    paused = self._accept_paused_until - time.monotonic()
-                    if paused > 0:
-                        wait = min(wait, paused)
-                    else:
-                        self._accept_paused_until = 0.0
+                title_due = worker.title_due
+                # No clock read unless accept() failed or the title waits for a refresh.
+                if self._accept_paused_until or title_due:
+                    now = time.monotonic()
+                    if title_due:
+                        wait = min(wait, max(title_due - now, 0.0))
+                    if self._accept_paused_until:
+                        paused = self._accept_paused_until - now
+                        if paused > 0:
+                            wait = min(wait, paused)
+                        else:
+                            self._accept_paused_until = 0.0
                 poll.watch_listener(paused <= 0 and self.ready_to_accept())
                 for fd in poll.wait(wait):
                     if fd == listener:

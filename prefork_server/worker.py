@@ -34,6 +34,14 @@ __all__ = ["Worker"]
 # How often wants_me_alive() checks the master-death pipe (seconds of monotonic time).
 _PARENT_CHECK_INTERVAL = 0.5
 
+# The process title follows the worker's state, but a title change is a system call
+# (prctl) and two per connection are measurable. "busy" shows at once (a stuck worker must
+# show it); "idle" only once the worker has stayed idle this long (seconds), so that a
+# worker going from one short connection to the next keeps showing "busy"; and the served
+# count shown is refreshed at most this often (seconds) while the state does not change.
+TITLE_IDLE_DELAY = 0.1
+TITLE_MAX_AGE = 1.0
+
 # Signals a worker ignores: they are meant for the master (and reach workers only when sent
 # to the whole process group, e.g. a terminal resize sends WINCH).
 _IGNORED_IN_WORKER = ("SIGWINCH", "SIGTTIN", "SIGTTOU", "SIGHUP", "SIGUSR2")
@@ -93,6 +101,8 @@ class Worker:
         self._title = title
         self._set_title = set_title
         self._shown = ""
+        self._shown_at = 0.0
+        self._title_due = 0.0  # when heartbeat() shows "idle": 0.0 for never
 
     # -- for the work function ----------------------------------------------------------
 
@@ -141,8 +151,12 @@ class Worker:
                     self._reopen_logs()
                 except OSError as e:  # the old files stay open: nothing is lost
                     self.logger.warning("worker[%d] cannot reopen logs: %s", self.number, e)
-        if self._set_title is not None and not self._alive and self._shown != "stopping":
-            self._show_title("stopping")
+        if self._set_title is not None:
+            if not self._alive:
+                if self._shown != "stopping":
+                    self._show_title("stopping", now)
+            elif self._title_due and now >= self._title_due:
+                self._show_title("idle", now)
         if self._alive and now >= self._next_parent_check:
             self._next_parent_check = now + _PARENT_CHECK_INTERVAL
             if self.master_is_gone():
@@ -162,14 +176,31 @@ class Worker:
         now = time.monotonic()
         self._slot.busy(now)
         if self._set_title is not None:
-            self._show_title("busy")
+            self._title_due = 0.0
+            if self._shown != "busy" or now - self._shown_at >= TITLE_MAX_AGE:
+                self._show_title("busy", now)
 
     def idle(self) -> None:
-        """Mark the end of a unit of work: heartbeat, and one more unit served."""
-        self._slot.idle(time.monotonic())
+        """Mark the end of a unit of work: heartbeat, and one more unit served.
+
+        The process title says "idle" only once the worker has been idle for
+        ``TITLE_IDLE_DELAY`` seconds, at a later :meth:`heartbeat`; a loop that blocks
+        should wake by :attr:`title_due` for it."""
+        now = time.monotonic()
+        self._slot.idle(now)
         self._count_unit()
         if self._set_title is not None:
-            self._show_title("idle" if self._alive else "stopping")
+            if self._alive:
+                self._title_due = now + TITLE_IDLE_DELAY
+            else:
+                self._show_title("stopping", now)
+
+    @property
+    def title_due(self) -> float:
+        """When (``time.monotonic()``) a :meth:`heartbeat` should come to show the
+        process title "idle", or 0.0 if no title change waits. A worker loop that blocks
+        caps its wait so as to wake by then."""
+        return self._title_due
 
     def ask_master_to_stop(self) -> None:
         """Ask the master for a graceful stop of the whole server (what ``shutdown()``
@@ -211,10 +242,11 @@ class Worker:
         worker that must not look alive (all its handler threads are stuck)."""
         return self._alive
 
-    def _show_title(self, state: str) -> None:
-        # Only on a change of state, never in the heartbeat itself: setproctitle costs a
-        # system call (prctl). Without setproctitle the title names the role only.
+    def _show_title(self, state: str, now: float) -> None:
+        # Without setproctitle the title names the role only.
         self._shown = state
+        self._shown_at = now
+        self._title_due = 0.0
         assert self._set_title is not None
         self._set_title(f"{self._title} {state}, {self.served} served")
 

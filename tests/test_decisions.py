@@ -7,8 +7,10 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import pytest
+from conftest import wait_for
 
 from prefork_server.daemon import PidFile, PidFileError
 from prefork_server.engine import Options, Preforker
@@ -27,6 +29,7 @@ from prefork_server.master import (
 )
 from prefork_server.scoreboard import Scoreboard, SlotState
 from prefork_server.sockets import parse_bind
+from prefork_server.worker import Worker
 
 
 @pytest.mark.parametrize(
@@ -153,6 +156,39 @@ def test_fewest_connections_elsewhere_counts_only_serving_workers() -> None:
         assert me.read().connections == 3
         board.release(a)
         assert me.fewest_connections_elsewhere() == 7, "a freed slot is nobody"
+    finally:
+        board.close()
+
+
+def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment() -> None:
+    # A title change is a system call: a worker going from one short connection to the
+    # next must not pay two per connection, but a stuck one must show "busy" at once.
+    board = Scoreboard()
+    shown: list[str] = []
+    try:
+        worker = Worker(
+            number=0, generation=1, slot=board.allocate(0, 1), master_pid=os.getppid(),
+            death_fd=-1, timeout=30, logger=logging.getLogger("test"), title="t worker[0]",
+            set_title=shown.append,
+        )  # fmt: skip
+        worker.heartbeat()
+        assert worker.title_due == 0.0
+        for _ in range(3):
+            worker.busy()
+            worker.idle()
+        assert shown == ["t worker[0] busy, 0 served"]
+        assert worker.title_due > 0, "idle waits for a later heartbeat"
+        if time.monotonic() < worker.title_due:
+            worker.heartbeat()
+            assert len(shown) == 1, "too early for idle"
+        wait_for(lambda: worker.heartbeat() and len(shown) == 2, what="the idle title")
+        assert shown[-1] == "t worker[0] idle, 3 served"
+        assert worker.title_due == 0.0
+        worker.busy()
+        assert shown[-1] == "t worker[0] busy, 3 served", "busy shows at once"
+        worker.stop()
+        worker.idle()
+        assert shown[-1] == "t worker[0] stopping, 4 served", "stopping shows at once"
     finally:
         board.close()
 

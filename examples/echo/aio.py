@@ -26,6 +26,7 @@ from typing import Any
 
 from prefork_server import Worker
 from prefork_server.server import ACCEPT_BACKOFF, accept_error_is_transient
+from prefork_server.worker import TITLE_IDLE_DELAY
 
 __all__ = ["AsyncioEchoMixIn"]
 
@@ -65,8 +66,16 @@ class AsyncioEchoMixIn:
         # When each connection last heard from its client: the heartbeat loop drops those
         # silent for request_timeout (one sweep, not a timer per read).
         self._last_heard: dict[asyncio.Task[None], float] = {}
+        title_timer: asyncio.TimerHandle | None = None
+
+        def show_title() -> None:
+            nonlocal title_timer
+            title_timer = None
+            if not worker.heartbeat():
+                stopping.set()
 
         async def client(conn: socket.socket) -> None:
+            nonlocal title_timer
             task = asyncio.current_task()
             assert task is not None
             clients[task] = False
@@ -91,6 +100,9 @@ class AsyncioEchoMixIn:
                     accept_late()
                 if self._active == 0:
                     worker.idle()
+                    if worker.title_due and title_timer is None:
+                        # The title says "idle" only at a heartbeat after a moment.
+                        title_timer = loop.call_later(TITLE_IDLE_DELAY, show_title)
                 else:
                     worker.count_unit()
                 if not worker.heartbeat():  # max_requests may have been reached
@@ -161,6 +173,8 @@ class AsyncioEchoMixIn:
                     if heard < silent_since:
                         task.cancel()
         finally:
+            if title_timer is not None:
+                title_timer.cancel()
             if retry is not None:
                 retry.cancel()
                 retry = None
