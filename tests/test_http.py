@@ -875,6 +875,25 @@ def test_hop_by_hop_headers_are_dropped_and_date_server_kept_once() -> None:
     assert text.count("Server:") == 1 and "Server: Mine" in text
 
 
+def test_a_head_served_from_the_cache_is_the_head_built_anew() -> None:
+    headers = [("Content-Type", "text/plain"), ("Content-Length", "5")]
+    first = head_for(headers=headers, date="Mon, 01 Jan 2001 00:00:00 GMT")
+    again = head_for(headers=list(headers), date="Tue, 02 Jan 2001 00:00:00 GMT")
+    assert again == (first[0].replace(b"Mon, 01", b"Tue, 02"), *first[1:]), "a fresh Date"
+    assert b"Date: Tue, 02 Jan 2001 00:00:00 GMT\r\n" in again[0]
+    assert head_for(headers=iter(headers)) == head_for(headers=headers), "any iterable"
+    listed = head_for(headers=[["Content-Length", "5"]])  # lists, not tuples: not cached
+    assert listed == head_for(headers=[("Content-Length", "5")])
+    assert b"Connection: close" in head_for(headers=headers, keep_alive=False)[0]
+    assert b"Connection: close" not in head_for(headers=headers)[0], "keep_alive is in the key"
+    mine = head_for(headers=[("Date", "Mine")], date="D2")[0]
+    assert b"Date: Mine\r\n" in mine and b"D2" not in mine
+    with pytest.raises(ResponseError):  # an invalid head is never cached as valid
+        head_for(headers=[("X", "a\nb")])
+    with pytest.raises(ResponseError):
+        head_for(headers=[("X", "a\nb")])
+
+
 @pytest.mark.parametrize(
     ("status", "headers"),
     [
