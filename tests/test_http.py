@@ -424,6 +424,30 @@ def test_limits_431_and_413(serve) -> None:
     server.assert_clean_log()
 
 
+def test_the_head_limit_counts_the_head_only(serve) -> None:
+    # The limit is checked before h11 parses a head that arrived whole; what came with the
+    # head (a body, pipelined requests) must not count against it.
+    server = serve("--max-header-bytes", "1024")
+    with server.connect() as s:
+        responses = exchange(s, get("/hello") * 200, count=200)  # 6 KB in one send
+        assert {(r.status, r.body) for r in responses} == {(200, b"hello")}
+    with server.connect() as s:
+        (r,) = exchange(s, post("/env", b"q" * 5000))  # one send: the body follows its head
+        assert (r.status, len(json.loads(r.body)["body"])) == (200, 5000)
+    with server.connect() as s:  # a head of about 1000 bytes, its end in a second send
+        head = post("/env", b"w" * 3000, "X-Pad: " + "p" * 900)
+        cut = head.index(b"\r\n\r\n") + 3
+        s.sendall(head[:cut])
+        (r,) = exchange(s, head[cut:])
+        assert (r.status, len(json.loads(r.body)["body"])) == (200, 3000)
+    with server.connect() as s:  # over the limit, whole in one send: refused unparsed
+        (r,) = exchange(s, get("/hello", *["a: b"] * 400) + get("/hello"))
+        assert (r.status, r.headers["connection"]) == (431, "close")
+        assert at_eof(s)
+    server.assert_workers_unchanged()
+    server.assert_clean_log()
+
+
 def test_slow_and_silent_clients_give_way_to_waiting_ones(serve) -> None:
     # One worker, a long read timeout: without --busy-read-timeout the client behind the
     # slow and the silent connection would wait a minute.

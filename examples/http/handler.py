@@ -40,6 +40,7 @@ Design choices, each for a reason:
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import socketserver
@@ -94,6 +95,7 @@ _REQUEST_START = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n"
 )
 _LAST_CHUNK = b"0\r\n\r\n"
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 takes a request head to end
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _WAITING_RECHECK = 0.001  # seconds a "nobody waits" answer is trusted
 _READABLE = 1  # _wait_for_request: the socket is readable
@@ -240,6 +242,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._pending = False  # whether h11 has received bytes it has not parsed yet
         self._why = ""  # why the last wait ended without data, for the log
         self._recv_timeout_set = False  # SO_RCVTIMEO, for the keep-alive wait
+        self._fed = 0  # bytes given to the current h11.Connection
+        self._last_read = 0  # bytes of the last read, still in self._buf
 
     def _new_process_state(self) -> dict[str, Any]:
         worker = getattr(self.server, "worker", None)
@@ -294,6 +298,9 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         busy_deadline = now + settings.busy_read_timeout
         while True:
             if self._pending:  # h11 holds bytes it has not parsed: maybe a whole head
+                if self._fed > settings.max_header_bytes and not self._head_fits():
+                    self._reject(431, f"request head over {settings.max_header_bytes} bytes")
+                    return None
                 try:
                     event = conn.next_event()
                 except _RemoteProtocolError as e:
@@ -343,6 +350,23 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                     deadline = now + settings.read_timeout
                     busy_deadline = now + settings.busy_read_timeout
 
+    def _head_fits(self) -> bool:
+        """Whether the head h11 is about to parse ends within ``max_header_bytes``.
+
+        h11 limits only a head still incomplete in its buffer: one that arrived whole
+        (64 KiB in one read: 15,000 tiny headers) it would parse in full, megabytes of
+        objects and milliseconds of CPU, before :meth:`_serve` could measure it. Asked
+        only once more than the limit has been received for this head (a big head, or
+        many pipelined requests, or a body that came with its head); it searches the last
+        read in place, or else a copy of what h11 holds.
+        """
+        limit = self._settings.max_header_bytes
+        n = self._last_read
+        if self._fed == n:  # h11 holds just the last read: search it where it is, no copy
+            return _HEAD_END.search(self._buf, 0, min(n, limit + 4)) is not None
+        # Blank lines before a request line make h11 refuse it at once: that is fine too.
+        return _HEAD_END.search(self._conn.trailing_data[0], 0, limit + 4) is not None
+
     def _poller(self, kind: int) -> Any:
         """A poll object for the client socket: _POLLIN, _POLLOUT, or _IDLE (readable,
         plus the listening socket)."""
@@ -387,6 +411,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                 n = 0
             if n > 0:
                 self._conn.receive_data(self._view[:n])  # type: ignore[arg-type]
+                self._fed += n
+                self._last_read = n
                 return _RECEIVED
             if n == 0:
                 self._eof = True
@@ -472,6 +498,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                 n = 0
             if n:
                 self._conn.receive_data(self._view[:n])  # type: ignore[arg-type]
+                self._fed += n
+                self._last_read = n
             else:
                 self._eof = True
                 self._conn.receive_data(b"")
@@ -783,6 +811,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         conn = self._conn = _Connection(
             _SERVER, max_incomplete_event_size=self._settings.max_header_bytes
         )
+        self._fed = len(data)
+        self._last_read = -1  # what h11 holds is not in self._buf
         if data:
             conn.receive_data(data)
         if closed:
