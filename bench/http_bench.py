@@ -292,6 +292,11 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
     return rows
 
 
+def fmt_ratio(ratio: float) -> str:
+    """``1.23x``, or ``-`` when the peer was not in the run."""
+    return "-" if ratio != ratio else f"{ratio:.2f}x"  # NaN is the only value not equal to itself
+
+
 def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
     out = []
     for workers in sorted({r["workers"] for r in rows}):
@@ -305,8 +310,8 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
             table.append([label, str(r["connections"]), r["server"], f"{r['rps']:,.0f}",
                           fmt_us(r["p50_us"]), fmt_us(r["p99_us"]), str(r["socket_errors"]),
                           str(r["non2xx"]), f"{r['served']}/{r['connections']}",
-                          f"{r['cpu_us']:.0f} us", f"{r['vs_sync']:.2f}x",
-                          f"{r['vs_floor']:.2f}x"])  # fmt: skip
+                          f"{r['cpu_us']:.0f} us", fmt_ratio(r["vs_sync"]),
+                          fmt_ratio(r["vs_floor"])])  # fmt: skip
         out.append(f"{workers} workers each:")
         if markdown:
             lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
