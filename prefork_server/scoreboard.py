@@ -54,6 +54,10 @@ _BEAT_OFFSET = 24
 _BUSY_SINCE_OFFSET = 32
 _CONNECTIONS_OFFSET = 48
 
+# The states as plain ints, for the worker's per-connection writes (an IntEnum converts
+# more slowly).
+_BUSY, _IDLE, _STOPPING = int(SlotState.BUSY), int(SlotState.IDLE), int(SlotState.STOPPING)
+
 SLOT_SIZE = 64
 SLOTS_PER_SEGMENT = mmap.PAGESIZE // SLOT_SIZE
 SEGMENT_SIZE = SLOTS_PER_SEGMENT * SLOT_SIZE
@@ -109,20 +113,23 @@ class Slot:
 
     def mark_booted(self, now: float) -> None:
         self._mem[self._offset + _BOOTED_OFFSET] = 1
-        self.idle(now, count=False)
+        self.idle(now)
 
     def busy(self, now: float) -> None:
-        _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
-        _BEAT.pack_into(self._mem, self._offset + _BUSY_SINCE_OFFSET, now)
-        self._mem[self._offset + _STATE_OFFSET] = SlotState.BUSY
+        mem, offset = self._mem, self._offset
+        _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
+        _BEAT.pack_into(mem, offset + _BUSY_SINCE_OFFSET, now)
+        mem[offset + _STATE_OFFSET] = _BUSY
 
-    def idle(self, now: float, count: bool = True) -> None:
-        _BEAT.pack_into(self._mem, self._offset + _BEAT_OFFSET, now)
-        if count:
-            served = _SERVED.unpack_from(self._mem, self._offset + _SERVED_OFFSET)[0]
-            _SERVED.pack_into(self._mem, self._offset + _SERVED_OFFSET, served + 1)
-        if self._mem[self._offset + _STATE_OFFSET] != SlotState.STOPPING:
-            self._mem[self._offset + _STATE_OFFSET] = SlotState.IDLE
+    def idle(self, now: float) -> None:
+        mem, offset = self._mem, self._offset
+        _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
+        if mem[offset + _STATE_OFFSET] != _STOPPING:
+            mem[offset + _STATE_OFFSET] = _IDLE
+
+    def set_served(self, served: int) -> None:
+        """Record how many units of work the worker has done (it keeps the count)."""
+        _SERVED.pack_into(self._mem, self._offset + _SERVED_OFFSET, served)
 
     def stopping(self) -> None:
         self._mem[self._offset + _STATE_OFFSET] = SlotState.STOPPING

@@ -252,6 +252,7 @@ class Worker:
 
     def _count_unit(self) -> None:
         self.served += 1
+        self._slot.set_served(self.served)
         if self.max_requests and self.served >= self.max_requests and self._alive:
             self.logger.info("worker[%d] served %d units of work (max_requests); retiring",
                              self.number, self.served)  # fmt: skip

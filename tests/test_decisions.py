@@ -121,6 +121,7 @@ def test_scoreboard_slots_record_the_worker_side() -> None:
         slot.busy(12.0)
         assert slot.read().state is SlotState.BUSY
         slot.idle(13.0)
+        slot.set_served(1)
         view = slot.read()
         assert (view.state, view.served, view.beat, view.busy_since, view.booted) == (
             SlotState.IDLE, 1, 13.0, 12.0, True
