@@ -230,20 +230,24 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._buf: bytearray = pool.pop() if pool else bytearray(_RECV_SIZE)
         self._view = memoryview(self._buf)
         self._clients_waiting: Callable[[], bool] | None = state["clients_waiting"]
-        self._eof = False
-        self._sends = 0
-        self._polls: dict[int, Any] = {}  # made when first needed: most requests never wait
         self._conn = _Connection(_SERVER, max_incomplete_event_size=settings.max_header_bytes)
-        self._status_code = "-"
-        self._response_bytes = 0
-        self._head_sent = False
-        self._in_request = False
-        self._served = 0  # requests on this connection
-        self._pending = False  # whether h11 has received bytes it has not parsed yet
-        self._why = ""  # why the last wait ended without data, for the log
-        self._recv_timeout_set = False  # SO_RCVTIMEO, for the keep-alive wait
-        self._fed = 0  # bytes given to the current h11.Connection
-        self._last_read = 0  # bytes of the last read, still in self._buf
+        # The other per-connection fields start from the class defaults below (no store
+        # per connection for a value that is the same for all).
+
+    # Per-connection state: class-level defaults, set on the instance when they change.
+    _eof = False
+    _sends = 0
+    _polls: dict[int, Any] | None = None  # poll objects, made when first needed
+    _status_code = "-"
+    _response_bytes = 0
+    _head_sent = False
+    _in_request = False
+    _served = 0  # requests on this connection
+    _pending = False  # whether h11 has received bytes it has not parsed yet
+    _why = ""  # why the last wait ended without data, for the log
+    _recv_timeout_set = False  # SO_RCVTIMEO, for the keep-alive wait
+    _fed = 0  # bytes given to the current h11.Connection
+    _last_read = 0  # bytes of the last read, still in self._buf
 
     def _new_process_state(self) -> dict[str, Any]:
         worker = getattr(self.server, "worker", None)
@@ -370,9 +374,12 @@ class HTTPHandler(socketserver.BaseRequestHandler):
     def _poller(self, kind: int) -> Any:
         """A poll object for the client socket: _POLLIN, _POLLOUT, or _IDLE (readable,
         plus the listening socket)."""
-        poller = self._polls.get(kind)
+        polls = self._polls
+        if polls is None:
+            polls = self._polls = {}
+        poller = polls.get(kind)
         if poller is None:
-            poller = self._polls[kind] = select.poll()
+            poller = polls[kind] = select.poll()
             if kind == _IDLE:
                 poller.register(self.request, _POLLIN)
                 poller.register(self._state["listener"], select.POLLIN)
