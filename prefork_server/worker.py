@@ -56,6 +56,7 @@ class Worker:
     - :meth:`heartbeat` -- the same without counting a unit of work.
     - :meth:`busy` / :meth:`idle` -- bracket one unit of work (a connection) so the
       scoreboard shows what the worker does; both also count as a heartbeat.
+    - :attr:`title_due` -- when a loop that blocks should wake, for the process title.
     - :attr:`wakeup_fds` -- descriptors to include in a ``select()`` so that a stop request
       or the master's death wakes the worker at once.
     - :attr:`poll_interval` -- the longest a loop should block between two heartbeats.

@@ -338,3 +338,24 @@ def test_out_of_descriptors_pauses_accepting_and_loses_no_client(
     assert proc.workers() == [worker], "the worker survived"
     proc.signal(signal.SIGQUIT)
     assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("mode", [["--threads", "4"], ["--asyncio"]], ids=["threads", "asyncio"])
+def test_the_title_says_busy_while_a_connection_lasts_and_idle_after(run, mode) -> None:
+    pytest.importorskip("setproctitle")  # without it only the 15-byte task name can change
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "1", "--timeout", "30", *mode)
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+
+    def title() -> str:
+        return Path(f"/proc/{worker}/cmdline").read_text().replace("\0", " ").strip()
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"one\n")
+        assert recv_exactly(s, 4) == b"one\n"
+        wait_for(lambda: "worker[0] busy, 0 served" in title(), what="the busy title")
+    # Shown once the worker has been idle a moment: its loop wakes for it, although the
+    # heartbeat alone would come only every 7.5 s (timeout 30).
+    wait_for(lambda: "worker[0] idle, 1 served" in title(), timeout=5, what="the idle title")
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0

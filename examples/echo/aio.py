@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from typing import Any
 
 from prefork_server import Worker
@@ -73,6 +74,8 @@ class AsyncioEchoMixIn:
             title_timer = None
             if not worker.heartbeat():
                 stopping.set()
+            elif worker.title_due:  # busy again, and idle again since the timer was set
+                title_timer = loop.call_later(worker.title_due - time.monotonic(), show_title)
 
         async def client(conn: socket.socket) -> None:
             nonlocal title_timer
