@@ -344,6 +344,7 @@ class PreforkMixIn(socketserver.BaseServer):
         listener = self.socket.fileno()
         self._accept_paused_until = 0.0
         with _Poller(listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept) as poll:
+            self._poll = poll
             while self._keep_serving(worker):
                 wait = worker.poll_interval
                 paused = 0.0
@@ -404,11 +405,17 @@ class PreforkMixIn(socketserver.BaseServer):
         return worker.heartbeat() if self.worker_is_healthy() else worker.alive
 
     def _accept_until_empty(self, worker: Worker) -> None:
-        while self.ready_to_accept():
+        while self.ready_to_accept() and self._accept_next(worker):
+            if not self._keep_serving(worker):
+                return
+
+    def _accept_next(self, worker: Worker) -> bool:
+        """Accept one connection and run it; False if there was none to take."""
+        while True:
             try:
                 request, client_address = self.get_request()
             except (BlockingIOError, InterruptedError):
-                return  # another worker won the race, or the queue is empty
+                return False  # another worker won the race, or the queue is empty
             except OSError as e:
                 if accept_error_is_transient(e):
                     continue
@@ -416,10 +423,9 @@ class PreforkMixIn(socketserver.BaseServer):
                 self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
                 self._log.warning("worker[%d] cannot accept: %s; pausing %.1fs",
                                   worker.number, e, ACCEPT_BACKOFF)  # fmt: skip
-                return
+                return False
             self._run_connection(worker, request, client_address)
-            if not self._keep_serving(worker):
-                return
+            return True
 
     def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
         worker.busy()
@@ -466,6 +472,15 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
 
     def ready_to_accept(self) -> bool:
         return self._active_threads < self.max_threads
+
+    def _accept_until_empty(self, worker: Worker) -> None:
+        # One connection per wake-up, then this worker goes to the back of the line of
+        # workers waiting on the listener (the loop registers it again). Linux wakes the
+        # first waiter in line (EPOLLEXCLUSIVE), and a worker with handler threads is
+        # always waiting, so otherwise the same worker would take every connection until
+        # its threads ran out while the others idled. Two epoll_ctl per connection.
+        if self._accept_next(worker):  # type: ignore[attr-defined]
+            self._poll.watch_listener(False)  # type: ignore[attr-defined]
 
     def worker_is_healthy(self) -> bool:
         return self._active_threads < self.max_threads

@@ -223,12 +223,14 @@ def test_asyncio_drops_a_silent_client_and_keeps_a_talking_one(run, tmp_path: Pa
     assert proc.wait(30) == 0
 
 
-def test_asyncio_workers_share_the_connections(run) -> None:
-    """An event loop always waits on the listener, so without a policy the worker that is
-    awake anyway (serving a busy client) wins the race for the next connection while
-    the other one idles: two busy clients would share one worker. Each round opens two
-    chatty connections: each worker must hold one."""
-    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "2", "--asyncio")
+@pytest.mark.parametrize("mode", [["--threads", "8"], ["--asyncio"]], ids=["threads", "asyncio"])
+def test_workers_with_many_connections_share_them(run, mode: list[str]) -> None:
+    """An event loop, or the main thread of a worker with handler threads, always waits
+    on the listener, so without a policy the worker that is awake anyway (serving a busy
+    client) wins the race for the next connection while the other one idles: two busy
+    clients would share one worker. Each round opens two chatty connections: each worker
+    must hold one."""
+    proc = run(*ECHO, "--bind", "127.0.0.1:0", "--workers", "2", *mode)
     port = proc.port()
 
     def counts() -> list[int]:
