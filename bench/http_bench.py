@@ -6,6 +6,8 @@
     python bench/http_bench.py --quick                # 2 workers, c = 2 and 50, 1 round of 1 s
     python bench/http_bench.py --workers 2 --rounds 5 --duration 5 --markdown
     python bench/chart.py                             # the PNG chart of the last run
+    python bench/http_bench.py --workers 2 --only "examples.http,h11 floor" --base HEAD~1
+                                                      # a change, side by side with before
 
 Every server serves the same 14-byte response, on loopback, with the same number of workers:
 
@@ -55,6 +57,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,6 +231,14 @@ def run_wrk(port: int, mode: str, conns: int, duration: float, threads: int) -> 
     return sample
 
 
+def base_worktree(rev: str) -> Path:
+    """A detached git worktree of ``rev`` in a temporary directory (removed at the end)."""
+    where = Path(tempfile.mkdtemp(prefix="http_bench-base-")) / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet",
+                    str(where), rev], check=True)  # fmt: skip
+    return where
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra options for examples.http, e.g. '--keepalive-turn 4'")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=15.0,
                    help="start no round that would end past this (15)")  # fmt: skip
+    p.add_argument("--base", default="", metavar="REV",
+                   help="also run examples.http as of git revision REV (a temporary "
+                        "worktree): a change measured side by side")  # fmt: skip
     args = p.parse_args(argv)
     exit_on_sigterm()
     if args.quick:
@@ -355,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [(mode, int(c)) for mode in args.modes.split(",")
                  for c in args.connections.split(",")]  # fmt: skip
     names = args.only.split(",") if args.only else [OURS, FLOOR, SYNC, GTHREAD]
+    base_tree = base_worktree(args.base) if args.base else None
     contenders = []
     for workers in (int(w) for w in args.workers.split(",")):
         argvs = commands(workers, args.ours)
@@ -362,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             path = os.pathsep.join([str(REPO), str(BENCH)])
             server = Server(f"{name} w{workers}", argvs[name], free_port(), cwd=BENCH,
                             env={"PYTHONPATH": path})  # fmt: skip
+            contenders.append(Contender(name, workers, server))
+        if base_tree is not None:
+            name = f"{OURS}@{args.base}"
+            path = os.pathsep.join([str(base_tree), str(base_tree / "bench")])
+            server = Server(f"{name} w{workers}", argvs[OURS], free_port(), tree=base_tree,
+                            cwd=base_tree / "bench", env={"PYTHONPATH": path})  # fmt: skip
             contenders.append(Contender(name, workers, server))
     runs = len(scenarios) * len(contenders)
     print(f"http_bench: {machine()}", flush=True)
@@ -405,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for c in contenders:
             stop_server(c.server)
+        if base_tree is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                            str(base_tree)], check=False)  # fmt: skip
+            shutil.rmtree(base_tree.parent, ignore_errors=True)
     rows = summarize(contenders, scenarios)
     path = Path(args.json) if args.json else log_dir / "http_bench.json"
     path.write_text(json.dumps({
