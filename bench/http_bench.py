@@ -231,14 +231,6 @@ def run_wrk(port: int, mode: str, conns: int, duration: float, threads: int) -> 
     return sample
 
 
-def base_worktree(rev: str) -> Path:
-    """A detached git worktree of ``rev`` in a temporary directory (removed at the end)."""
-    where = Path(tempfile.mkdtemp(prefix="http_bench-base-")) / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet",
-                    str(where), rev], check=True)  # fmt: skip
-    return where
-
-
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -369,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [(mode, int(c)) for mode in args.modes.split(",")
                  for c in args.connections.split(",")]  # fmt: skip
     names = args.only.split(",") if args.only else [OURS, FLOOR, SYNC, GTHREAD]
-    base_tree = base_worktree(args.base) if args.base else None
+    # The worktree is made once every server's command is known (bad options fail first),
+    # inside the try below, whose finally removes it.
+    base_tree = None
+    if args.base:  # git makes the directory
+        base_tree = Path(tempfile.gettempdir()) / f"http_bench-base-{os.getpid()}"
     contenders = []
     for workers in (int(w) for w in args.workers.split(",")):
         argvs = commands(workers, args.ours)
@@ -395,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     round_time = 0.0
     try:
+        if base_tree is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet",
+                            str(base_tree), args.base], check=True)  # fmt: skip
         start_all(contenders, log_dir)
         for c in contenders:  # warm up: imports, caches, first connections
             run_wrk(c.server.port, "keep-alive", 2, 1.0, 2)
@@ -426,10 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for c in contenders:
             stop_server(c.server)
-        if base_tree is not None:
+        if base_tree is not None and base_tree.exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
                             str(base_tree)], check=False)  # fmt: skip
-            shutil.rmtree(base_tree.parent, ignore_errors=True)
     rows = summarize(contenders, scenarios)
     path = Path(args.json) if args.json else log_dir / "http_bench.json"
     path.write_text(json.dumps({

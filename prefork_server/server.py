@@ -348,7 +348,9 @@ class PreforkMixIn(socketserver.BaseServer):
             while self._keep_serving(worker):
                 wait = worker.poll_interval
                 paused = 0.0
-                title_due = worker.title_due
+                # Only a heartbeat shows the idle title: no waking for it when the loop may
+                # not stamp one (worker_is_healthy() False), or it would spin.
+                title_due = worker.title_due if self.worker_is_healthy() else 0.0
                 # No clock read unless accept() failed or the title waits for a refresh.
                 if self._accept_paused_until or title_due:
                     now = time.monotonic()

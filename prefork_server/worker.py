@@ -216,6 +216,12 @@ class Worker:
         several at once, such as handler threads: see :meth:`busy`)."""
         self._brackets = True
         self._count_unit()
+        # A worker that always holds some connection never calls busy() again: refresh
+        # the served count it shows here, as busy() would.
+        if self._set_title is not None and self._shown == "busy":
+            now = time.monotonic()
+            if now - self._shown_at >= TITLE_MAX_AGE:
+                self._show_title("busy", now)
 
     def set_connections(self, count: int) -> None:
         """Record how many connections this worker holds now (a worker that serves

@@ -7,11 +7,11 @@ import logging
 import os
 import signal
 import socket
-import time
 
 import pytest
 from conftest import wait_for
 
+from prefork_server import worker as worker_module
 from prefork_server.daemon import PidFile, PidFileError
 from prefork_server.engine import Options, Preforker
 from prefork_server.master import (
@@ -161,9 +161,12 @@ def test_fewest_connections_elsewhere_counts_only_serving_workers() -> None:
         board.close()
 
 
-def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment() -> None:
+def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment(monkeypatch) -> None:
     # A title change is a system call: a worker going from one short connection to the
-    # next must not pay two per connection, but a stuck one must show "busy" at once.
+    # next must not pay two per connection, but a stuck one must show "busy" at once. The
+    # delays are set long, then short, so that no pause of the machine can change the result.
+    monkeypatch.setattr(worker_module, "TITLE_IDLE_DELAY", 3600.0)
+    monkeypatch.setattr(worker_module, "TITLE_MAX_AGE", 3600.0)
     board = Scoreboard()
     shown: list[str] = []
     try:
@@ -179,17 +182,23 @@ def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment() -> None:
             worker.idle()
         assert shown == ["t worker[0] busy, 0 served"]
         assert worker.title_due > 0, "idle waits for a later heartbeat"
-        if time.monotonic() < worker.title_due:
-            worker.heartbeat()
-            assert len(shown) == 1, "too early for idle"
+        worker.heartbeat()
+        assert len(shown) == 1, "too early for idle"
+        monkeypatch.setattr(worker_module, "TITLE_IDLE_DELAY", 0.05)
+        worker.busy()
+        worker.idle()
+        assert len(shown) == 1, "still busy: no change to show"
         wait_for(lambda: worker.heartbeat() and len(shown) == 2, what="the idle title")
-        assert shown[-1] == "t worker[0] idle, 3 served"
+        assert shown[-1] == "t worker[0] idle, 4 served"
         assert worker.title_due == 0.0
         worker.busy()
-        assert shown[-1] == "t worker[0] busy, 3 served", "busy shows at once"
+        assert shown[-1] == "t worker[0] busy, 4 served", "busy shows at once"
+        monkeypatch.setattr(worker_module, "TITLE_MAX_AGE", 0.0)
+        worker.count_unit()  # a connection of several ended: the count shown follows
+        assert shown[-1] == "t worker[0] busy, 5 served"
         worker.stop()
         worker.idle()
-        assert shown[-1] == "t worker[0] stopping, 4 served", "stopping shows at once"
+        assert shown[-1] == "t worker[0] stopping, 6 served", "stopping shows at once"
     finally:
         board.close()
 

@@ -593,8 +593,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         self._remaining = 0
         self._status_code = "-"
         self._response_bytes = 0
-        # h11 limits only a head still incomplete in its buffer; one that arrived whole in
-        # a single read is measured here (to within optional spaces).
+        # _head_fits() already refused a head that runs past the limit before h11 parsed
+        # it; this counts the parsed head (to within optional spaces) as a backstop.
         head_size = len(request.target) + 16
         for name, value in raw_headers:
             head_size += len(name) + len(value) + 4
