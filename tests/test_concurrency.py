@@ -115,6 +115,44 @@ def test_without_threads_two_workers_cannot_hold_200_clients(run) -> None:
     assert proc.wait(30) == 0
 
 
+UNHEALTHY_APP = """\
+import sys
+
+from examples.echo import EchoHandler
+from prefork_server.cli import build_parser, serve
+
+
+class UnhealthyAfterOne:
+    def worker_is_healthy(self):
+        return self.worker.served == 0  # then no heartbeat: replaced after the timeout
+
+
+sys.exit(serve(build_parser().parse_args(), EchoHandler, mixins=(UnhealthyAfterOne,)))
+"""
+
+
+def test_an_unhealthy_worker_waits_quietly_for_its_end(run, tmp_path: Path) -> None:
+    # worker_is_healthy() False: the loop stamps no heartbeat, so it must not wake to
+    # show the idle title either (only a heartbeat shows it): it would spin at 0 s.
+    pytest.importorskip("setproctitle")  # the title is what made it wake
+    script = tmp_path / "unhealthy.py"
+    script.write_text(UNHEALTHY_APP)
+    proc = run(sys.executable, str(script), "--bind", "127.0.0.1:0", "--workers", "1",
+               "--timeout", "30", cwd=REPO)  # fmt: skip
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+    wait_for(lambda: [v.served for v in read_scoreboard(proc.pid)] == [1], what="one served")
+    before, started = cpu_seconds(worker), time.monotonic()
+    time.sleep(1.0)  # a measuring window, not a wait for a condition
+    busy = (cpu_seconds(worker) - before) / (time.monotonic() - started)
+    assert busy < 0.3, f"the worker used {busy:.0%} of a CPU while it had nothing to do"
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
 STUCK_APP = """\
 import socketserver, time
 
