@@ -388,10 +388,15 @@ class PreforkMixIn(socketserver.BaseServer):
         A handler that keeps a connection open between requests (HTTP keep-alive) may
         check this when the connection goes idle and close it, so that its worker serves
         a client that waits rather than one that might send again: with more clients than
-        workers, every client gets served."""
-        poller = self.__dict__.get("_waiting_poll")
+        workers, every client gets served. Safe to call from any thread of a worker."""
+        # One poll object per thread: handler threads may ask at the same moment, and a
+        # poll object raises "concurrent poll() invocation" when shared.
+        local = self.__dict__.get("_waiting_local")
+        if local is None:
+            local = self.__dict__.setdefault("_waiting_local", threading.local())
+        poller = getattr(local, "poll", None)
         if poller is None:
-            poller = self._waiting_poll = select.poll()
+            poller = local.poll = select.poll()
             poller.register(self.socket, select.POLLIN)
         return bool(poller.poll(0))
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -703,6 +704,37 @@ def test_handler_threads_serve_concurrently_and_say_so(serve) -> None:
     assert json.loads(threaded.get("/env")[2])["wsgi.multithread"] is True
     server.assert_clean_log()
     threaded.assert_clean_log()
+
+
+def test_handler_threads_answer_every_keep_alive_request_while_clients_wait(serve) -> None:
+    # Each response on a kept connection asks whether clients wait in the accept queue;
+    # handler threads asking at the same moment once shared one poll object, which
+    # raises "concurrent poll() invocation": a 500 for the request.
+    server = serve("--threads", "4", workers=1)
+    statuses: list[int] = []
+
+    def client() -> None:
+        for _ in range(20):  # reconnects whenever the server turns the connection over
+            conn = server.client()
+            try:
+                for _ in range(25):
+                    conn.request("GET", "/hello")
+                    response = conn.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+                    if response.will_close:
+                        break
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(statuses) >= 12 * 20 and set(statuses) == {200}, sorted(set(statuses))
+    server.assert_workers_unchanged()
+    server.assert_clean_log()
 
 
 # -- the access log --------------------------------------------------------------------------
