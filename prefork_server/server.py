@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import logging
 import os
+import queue
 import select
 import selectors
 import socket
@@ -466,6 +467,12 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
     (``self.server.worker.heartbeat()``, as a long-lived handler should) within
     ``timeout``, the master kills the worker as stuck. A graceful stop waits for the
     threads (up to ``graceful_timeout``). ``daemon_threads`` is False for that reason.
+
+    The threads are a pool, started as needed up to ``max_threads`` and kept for the
+    worker's life (starting a thread per connection cost about 60 us): each runs
+    ``process_request_thread(request, client_address)`` per connection, as
+    ``socketserver`` does, so an override of it still applies. Thread-local state lives
+    as long as its thread, across connections.
     """
 
     max_threads: int = 16
@@ -475,6 +482,9 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
     def worker_init(self, worker: Worker) -> None:
         self._threads_lock = threading.Lock()
         self._active_threads = 0
+        self._pool: list[threading.Thread] = []
+        self._idle_pool = 0  # pool threads free for the next connection (reserved ones not)
+        self._work: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         super().worker_init(worker)  # type: ignore[misc]
 
     def ready_to_accept(self) -> bool:
@@ -502,10 +512,34 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request(request, client_address)
+            with self._threads_lock:
+                # An idle pool thread is reserved for this connection, or a new one starts:
+                # never more than max_threads, since at most that many connections are open.
+                start = self._idle_pool == 0
+                if not start:
+                    self._idle_pool -= 1
+            if start:
+                thread = threading.Thread(
+                    target=self._pool_thread,
+                    name=f"handler-{len(self._pool)}",
+                    daemon=self.daemon_threads,
+                )
+                thread.start()
+                self._pool.append(thread)
         except BaseException:
-            self._thread_done()  # no thread started: it will not report itself
+            self._thread_done(pooled=False)  # no thread will report this connection
             raise
+        self._work.put((request, client_address))
+
+    def _pool_thread(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            try:
+                self.process_request_thread(*item)
+            except BaseException:  # noqa: BLE001 - SystemExit in a handler: keep serving
+                pass
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -513,10 +547,21 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
         finally:
             self._thread_done()
 
-    def _thread_done(self) -> None:
+    def server_close(self) -> None:
+        pool = self.__dict__.get("_pool") or []
+        for _ in pool:
+            self._work.put(None)
+        if self.block_on_close:
+            for thread in pool:
+                thread.join()  # a graceful stop lets each finish its connection
+        super().server_close()
+
+    def _thread_done(self, pooled: bool = True) -> None:
         worker: Worker = self.worker  # type: ignore[attr-defined]
         with self._threads_lock:
             self._active_threads -= 1
+            if pooled:
+                self._idle_pool += 1  # before the loop may accept again: it counts on it
             worker.set_connections(self._active_threads)
             if self._active_threads == 0:
                 worker.idle()

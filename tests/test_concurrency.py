@@ -115,6 +115,57 @@ def test_without_threads_two_workers_cannot_hold_200_clients(run) -> None:
     assert proc.wait(30) == 0
 
 
+THREAD_APP = """\
+import itertools, socketserver, threading
+
+# Thread identities are reused once a thread ends; a thread-local tag is not.
+tags = itertools.count()
+local = threading.local()
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        if not hasattr(local, "tag"):
+            local.tag = next(tags)
+        for line in self.rfile:  # until the client closes
+            self.wfile.write(b"%d\\n" % local.tag)
+"""
+
+
+def test_handler_threads_are_a_pool_kept_across_connections(run, tmp_path: Path) -> None:
+    (tmp_path / "threadapp.py").write_text(THREAD_APP)
+    proc = run(*CLI, "--bind", "127.0.0.1:0", "--workers", "1", "--threads", "3",
+               "threadapp:Handler", cwd=tmp_path)  # fmt: skip
+    port = proc.port()
+    wait_workers(proc.pid, 1)
+
+    def thread_of(s: socket.socket) -> bytes:
+        s.sendall(b"which\n")
+        return s.makefile("rb").readline()
+
+    def all_done() -> bool:
+        return [v.connections for v in read_scoreboard(proc.pid)] == [0]
+
+    one_at_a_time = set()
+    for _ in range(10):  # each connection ends before the next: one thread serves all
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            one_at_a_time.add(thread_of(s))
+        wait_for(all_done, what="the worker to count the connection out")
+    assert len(one_at_a_time) == 1, one_at_a_time
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    at_once = {thread_of(s) for s in held}
+    assert len(at_once) == 3, "three connections at once, three threads"
+    for s in held:
+        s.close()
+    wait_for(all_done, what="the worker to count the connections out")
+    again = set()
+    for _ in range(6):  # back to back this time: the pool never grows past three
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            again.add(thread_of(s))
+    assert len(one_at_a_time | at_once | again) <= 3, "no thread beyond the pool's three"
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+
+
 UNHEALTHY_APP = """\
 import sys
 
