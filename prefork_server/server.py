@@ -20,6 +20,7 @@ worker).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import logging
@@ -442,11 +443,12 @@ class PreforkMixIn(socketserver.BaseServer):
         finally:
             worker.idle()
 
-    def _handle_one(self, request: Any, client_address: Any) -> None:
-        # As socketserver.BaseServer._handle_request_noblock, minus the accept.
+    def _handle_one(self, request: Any, client_address: Any) -> bool:
+        # As socketserver.BaseServer._handle_request_noblock, minus the accept. False if
+        # verify_request() refused the connection: process_request() never saw it.
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
-            return
+            return False
         try:
             self.process_request(request, client_address)
         except Exception:  # noqa: BLE001 - one bad request must not end the worker
@@ -455,6 +457,7 @@ class PreforkMixIn(socketserver.BaseServer):
         except BaseException:
             self.shutdown_request(request)
             raise
+        return True
 
 
 class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
@@ -472,7 +475,8 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
     worker's life (starting a thread per connection cost about 60 us): each runs
     ``process_request_thread(request, client_address)`` per connection, as
     ``socketserver`` does, so an override of it still applies. Thread-local state lives
-    as long as its thread, across connections.
+    as long as its thread, across connections; context variables do not (each connection
+    runs in a fresh ``contextvars.Context``, as a new thread would).
     """
 
     max_threads: int = 16
@@ -508,9 +512,11 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
             worker.set_connections(self._active_threads)
             if self._active_threads == 1:
                 worker.busy()
-        self._handle_one(request, client_address)  # type: ignore[attr-defined]
+        if not self._handle_one(request, client_address):  # type: ignore[attr-defined]
+            self._thread_done(pooled=False)  # refused: no thread will report it
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        start = True
         try:
             with self._threads_lock:
                 # An idle pool thread is reserved for this connection, or a new one starts:
@@ -527,7 +533,8 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
                 thread.start()
                 self._pool.append(thread)
         except BaseException:
-            self._thread_done(pooled=False)  # no thread will report this connection
+            # No thread will report this connection; a reserved one goes back to idle.
+            self._thread_done(pooled=not start)
             raise
         self._work.put((request, client_address))
 
@@ -537,26 +544,28 @@ class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
             if item is None:
                 return
             try:
-                self.process_request_thread(*item)
-            except BaseException:  # noqa: BLE001 - SystemExit in a handler: keep serving
-                pass
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._thread_done()
+                # A fresh context per connection, as a new thread would have: context
+                # variables set while serving one client are not seen by the next.
+                contextvars.Context().run(self.process_request_thread, *item)
+            except SystemExit:
+                pass  # what a handler thread's SystemExit did: end the connection quietly
+            except BaseException:  # noqa: BLE001 - the thread goes on serving
+                self._log.exception("error in handler thread %s",  # type: ignore[attr-defined]
+                                    threading.current_thread().name)  # fmt: skip
+            finally:
+                # Only now, overrides of process_request_thread included, is it free.
+                self._thread_done(pooled=True)
 
     def server_close(self) -> None:
-        pool = self.__dict__.get("_pool") or []
+        pool = self.__dict__.pop("_pool", None) or []
         for _ in pool:
             self._work.put(None)
-        if self.block_on_close:
+        if self.block_on_close and not self.daemon_threads:
             for thread in pool:
                 thread.join()  # a graceful stop lets each finish its connection
         super().server_close()
 
-    def _thread_done(self, pooled: bool = True) -> None:
+    def _thread_done(self, *, pooled: bool) -> None:
         worker: Worker = self.worker  # type: ignore[attr-defined]
         with self._threads_lock:
             self._active_threads -= 1

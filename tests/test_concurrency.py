@@ -166,6 +166,58 @@ def test_handler_threads_are_a_pool_kept_across_connections(run, tmp_path: Path)
     assert proc.wait(30) == 0
 
 
+REFUSING_APP = """\
+import contextvars, sys
+
+from examples.echo import EchoHandler
+from prefork_server.cli import build_parser, serve
+
+seen = contextvars.ContextVar("seen", default=None)
+
+
+class RefuseFirstFive:
+    refused = 0
+
+    def verify_request(self, request, client_address):
+        if type(self).refused < 5:
+            type(self).refused += 1
+            return False
+        return True
+
+
+class Handler(EchoHandler):
+    def setup(self):
+        # A context variable set by the previous connection on this thread must not leak.
+        assert seen.get() is None, "a context variable leaked from the last connection"
+        seen.set(self.client_address)
+        super().setup()
+
+
+sys.exit(serve(build_parser().parse_args(), Handler, mixins=(RefuseFirstFive,)))
+"""
+
+
+def test_refused_connections_free_their_thread_and_context_does_not_leak(
+    run, tmp_path: Path
+) -> None:
+    script = tmp_path / "refusing.py"
+    script.write_text(REFUSING_APP)
+    proc = run(sys.executable, str(script), "--bind", "127.0.0.1:0", "--workers", "1",
+               "--threads", "2", cwd=REPO)  # fmt: skip
+    port = proc.port()
+    wait_workers(proc.pid, 1)
+    for _ in range(5):  # more refusals than threads: each must free its place
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            assert s.recv(1) == b"", "a refused connection is closed at once"
+    for i in range(4):  # the pool's threads serve these in turn
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"%d" % i)
+            assert recv_exactly(s, 1) == b"%d" % i
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait(30) == 0
+    assert "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
 UNHEALTHY_APP = """\
 import sys
 
