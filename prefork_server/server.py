@@ -350,9 +350,7 @@ class PreforkMixIn(socketserver.BaseServer):
             while self._keep_serving(worker):
                 wait = worker.poll_interval
                 paused = 0.0
-                # Only a heartbeat shows the idle title: no waking for it when the loop may
-                # not stamp one (worker_is_healthy() False), or it would spin.
-                title_due = worker.title_due if self.worker_is_healthy() else 0.0
+                title_due = worker.title_due
                 # No clock read unless accept() failed or the title waits for a refresh.
                 if self._accept_paused_until or title_due:
                     now = time.monotonic()
@@ -411,7 +409,11 @@ class PreforkMixIn(socketserver.BaseServer):
     def _keep_serving(self, worker: Worker) -> bool:
         # heartbeat(), not wants_me_alive(): a wake-up is not a unit of work; each
         # connection is counted by the busy()/idle() brackets around it.
-        return worker.heartbeat() if self.worker_is_healthy() else worker.alive
+        if self.worker_is_healthy():
+            return worker.heartbeat()
+        # No beat, but the title the loop woke for is shown (or the loop would spin).
+        worker.refresh_title()
+        return worker.alive
 
     def _accept_until_empty(self, worker: Worker) -> None:
         while self.ready_to_accept() and self._accept_next(worker):

@@ -56,7 +56,8 @@ class Worker:
     - :meth:`heartbeat` -- the same without counting a unit of work.
     - :meth:`busy` / :meth:`idle` -- bracket one unit of work (a connection) so the
       scoreboard shows what the worker does; both also count as a heartbeat.
-    - :attr:`title_due` -- when a loop that blocks should wake, for the process title.
+    - :attr:`title_due` -- when a loop that blocks should wake, for the process title;
+      :meth:`refresh_title` shows it where :meth:`heartbeat` may not be called.
     - :attr:`wakeup_fds` -- descriptors to include in a ``select()`` so that a stop request
       or the master's death wakes the worker at once.
     - :attr:`poll_interval` -- the longest a loop should block between two heartbeats.
@@ -166,6 +167,15 @@ class Worker:
                 )
                 self._alive = False
         return self._alive
+
+    def refresh_title(self) -> None:
+        """Show the title :attr:`title_due` waits for, without stamping the heartbeat:
+        for a loop that may not stamp it (all its handler threads are stuck, say) but
+        wakes by :attr:`title_due` all the same."""
+        if self._title_due and self._alive:
+            now = time.monotonic()
+            if now >= self._title_due:
+                self._show_title("idle", now)
 
     def busy(self) -> None:
         """Mark the start of a unit of work (counts as a heartbeat).
