@@ -207,17 +207,22 @@ def test_ipv6_bind(run) -> None:
     quit_cleanly(proc)
 
 
+def unix_echo(path: Path, data: bytes) -> bytes:
+    """Send ``data`` over the Unix socket at ``path``; what comes back, as long."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(data)
+        return recv_exactly(s, len(data))
+
+
 def test_unix_bind_serves_and_removes_the_socket_on_quit(run, tmp_path: Path) -> None:
     path = Path(os.path.relpath(tmp_path / "e.sock", REPO))  # relative to the working dir
     proc = run([*CLI, "--bind", f"unix:{path}", "--workers", "1", "examples.echo:EchoHandler"])
     proc.wait_output(rf"listening on unix:{re.escape(str(path))}")
     full = REPO / path
     assert stat.S_ISSOCK(full.lstat().st_mode)
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(full))
-        s.sendall(b"over a unix socket")
-        assert recv_exactly(s, 18) == b"over a unix socket"
+    assert unix_echo(full, b"over a unix socket") == b"over a unix socket"
     quit_cleanly(proc)
     assert not os.path.lexists(full)
 
@@ -228,11 +233,7 @@ def test_socket_mode_sets_who_may_connect_to_a_unix_socket(run, tmp_path: Path) 
                 "examples.echo:EchoHandler"])  # fmt: skip
     proc.wait_output("listening on unix:")
     assert stat.S_IMODE(path.lstat().st_mode) == 0o600
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(b"mine")
-        assert recv_exactly(s, 4) == b"mine"
+    assert unix_echo(path, b"mine") == b"mine"
     quit_cleanly(proc)
 
 
