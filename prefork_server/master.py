@@ -39,7 +39,7 @@ from typing import TypeVar
 from . import systemd
 from .daemon import full_process_titles, set_process_title
 from .hooks import Hooks
-from .scoreboard import Scoreboard, Slot, SlotState
+from .scoreboard import Scoreboard, Slot, SlotState, SlotView
 from .upgrade import Upgrader
 from .worker import Worker, load_prctl
 
@@ -50,6 +50,7 @@ __all__ = [
     "SparePolicy",
     "adaptive_target",
     "describe_exit",
+    "is_spare",
     "next_deadline",
     "overdue",
     "respawn_delay",
@@ -146,6 +147,14 @@ class SparePolicy:
 
     #: How often the master looks at the idle count (seconds).
     interval: float = 0.5
+
+
+def is_spare(view: SlotView) -> bool:
+    """Whether a worker is spare: booting, or idle holding no connection (a worker idle
+    in its loop may hold parked keep-alive connections, or open ones of an event loop)."""
+    if view.state == SlotState.BOOTING:
+        return True
+    return view.state == SlotState.IDLE and view.connections == 0
 
 
 def adaptive_target(total: int, spare: int, policy: SparePolicy) -> int:
@@ -611,7 +620,7 @@ class Master:
             return
         self._next_adapt = now + policy.interval
         serving = [c for c in self._children.values() if not c.retiring]
-        idle = sum(1 for c in serving if c.slot.read().state in (SlotState.IDLE, SlotState.BOOTING))
+        idle = sum(1 for c in serving if is_spare(c.slot.read()))
         spare = idle + max(0, self._wanted - len(serving))  # not forked yet: spare soon
         target = adaptive_target(self._wanted, spare, policy)
         if target != self._wanted:

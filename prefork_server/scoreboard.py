@@ -119,7 +119,8 @@ class Slot:
         mem, offset = self._mem, self._offset
         _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
         _BEAT.pack_into(mem, offset + _BUSY_SINCE_OFFSET, now)
-        mem[offset + _STATE_OFFSET] = _BUSY
+        if mem[offset + _STATE_OFFSET] != _STOPPING:  # a stopping worker may finish work
+            mem[offset + _STATE_OFFSET] = _BUSY
 
     def idle(self, now: float) -> None:
         mem, offset = self._mem, self._offset
@@ -161,6 +162,26 @@ class Slot:
             if fewest is None or count < fewest:
                 fewest = count
         return fewest
+
+    def idle_elsewhere(self, since: float, until: float = float("inf")) -> bool:
+        """Whether another serving worker of this slot's segment is idle, holds no
+        connection, and last stamped its heartbeat between ``since`` (a stopped process,
+        SIGSTOP say, looks idle but stamps no more) and ``until`` (an idle worker that
+        waits stamps only when it wakes: so it has been idle since then at least)."""
+        mem = self._mem
+        states = mem[_STATE_OFFSET:SEGMENT_SIZE:SLOT_SIZE]
+        mine = self._offset // SLOT_SIZE
+        i = states.find(_IDLE)
+        while i >= 0:
+            if i != mine and mem[i * SLOT_SIZE + _BOOTED_OFFSET]:
+                base = i * SLOT_SIZE
+                if (
+                    not _CONNECTIONS.unpack_from(mem, base + _CONNECTIONS_OFFSET)[0]
+                    and since <= _BEAT.unpack_from(mem, base + _BEAT_OFFSET)[0] <= until
+                ):
+                    return True
+            i = states.find(_IDLE, i + 1)
+        return False
 
     def last_beat(self) -> float:
         return float(_BEAT.unpack_from(self._mem, self._offset + _BEAT_OFFSET)[0])

@@ -74,6 +74,22 @@ _ACCEPT_NETWORK_ERRORS = frozenset(
 )
 
 
+_NEVER = float("inf")
+
+
+def _parking_limit(wanted: int) -> int:
+    """``max_parked``, but at most half the descriptors this process may open."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(0, min(wanted, soft // 2))
+
+
 def accept_error_is_transient(error: OSError) -> bool:
     """True if an ``accept()`` failure concerned only the connection being accepted
     (the client gave up while queued, or a network error Linux reports through
@@ -336,41 +352,199 @@ class PreforkMixIn(socketserver.BaseServer):
     def serve_in_worker(self, worker: Worker) -> None:
         """The worker's main loop; return to end the worker.
 
-        Waits on the listening socket and the worker's wake-up descriptors, accepts
-        without blocking until EAGAIN, and runs each connection through
-        ``process_request``. It may be overridden to run another I/O model on
-        ``self.socket`` (an asyncio server, say); the override must call
+        Waits on the listening socket, the worker's wake-up descriptors and its parked
+        connections (see :meth:`park`); accepts without blocking until EAGAIN, and runs
+        each connection through ``process_request``. It may be overridden to run another
+        I/O model on ``self.socket`` (an asyncio server, say); the override must call
         ``worker.heartbeat()`` at least every ``worker.poll_interval`` seconds and return
-        once it is False.
+        once it is False (:meth:`park` then declines).
         """
         listener = self.socket.fileno()
         self._accept_paused_until = 0.0
-        with _Poller(listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept) as poll:
-            self._poll = poll
-            while self._keep_serving(worker):
-                wait = worker.poll_interval
-                paused = 0.0
-                title_due = worker.title_due
-                # No clock read unless accept() failed or the title waits for a refresh.
-                if self._accept_paused_until or title_due:
-                    now = time.monotonic()
-                    if title_due:
-                        wait = min(wait, max(title_due - now, 0.0))
-                    if self._accept_paused_until:
-                        paused = self._accept_paused_until - now
-                        if paused > 0:
-                            wait = min(wait, paused)
-                        else:
-                            self._accept_paused_until = 0.0
-                poll.watch_listener(paused <= 0 and self.ready_to_accept())
-                for fd in poll.wait(wait):
-                    if fd == listener:
-                        self._accept_until_empty(worker)
-                    elif fd == self._loop_r:
-                        _drain(fd)
-                    else:
-                        worker.drain_wakeup(fd)
-                self.service_actions()
+        parked = self._parked = {}
+        self._loop_thread = threading.get_ident()
+        # A process forked by a handler (ForkingMixIn, an application) has our thread
+        # ident, but no loop watches its sockets, and our scoreboard slot is not its own.
+        os.register_at_fork(after_in_child=self._no_parking_here)
+        self._parked_limit = _parking_limit(self.max_parked)
+        self._parked_expiry = _NEVER
+        self._turn = 0
+        try:
+            with _Poller(
+                listener, (*worker.wakeup_fds, self._loop_r), self.exclusive_accept
+            ) as poll:
+                self._poll = poll
+                while self._keep_serving(worker):
+                    wait = worker.poll_interval
+                    paused = 0.0
+                    title_due = worker.title_due
+                    # No clock read unless accept() failed, the title waits for a refresh
+                    # or connections are parked.
+                    if self._accept_paused_until or title_due or parked:
+                        now = time.monotonic()
+                        if title_due:
+                            wait = min(wait, max(title_due - now, 0.0))
+                        if self._accept_paused_until:
+                            paused = self._accept_paused_until - now
+                            if paused > 0:
+                                wait = min(wait, paused)
+                            else:
+                                self._accept_paused_until = 0.0
+                        if parked:
+                            if now >= self._parked_expiry:
+                                self._expire_parked(now)
+                            wait = min(wait, max(self._parked_expiry - now, 0.0))
+                    poll.watch_listener(paused <= 0 and self.ready_to_accept())
+                    self._turn += 1
+                    for fd in poll.wait(wait):
+                        if fd == listener:
+                            if worker.alive:  # not once stopping (max_requests reached)
+                                self._accept_until_empty(worker)
+                        elif fd in parked:
+                            # Stopping, the requests already there are still answered.
+                            self._resume(worker, fd)
+                        elif fd == self._loop_r:
+                            _drain(fd)
+                        elif fd in worker.wakeup_fds:
+                            worker.drain_wakeup(fd)
+                    self.service_actions()
+        finally:
+            # Idle between two requests, they may be closed (the client retries, RFC 9112
+            # 9.6); nobody else will.
+            self._parked = None
+            for sock, _, _, _ in parked.values():
+                self._close_parked(sock)
+            worker.set_connections(0)
+
+    # -- parked connections -------------------------------------------------------------
+
+    #: The most connections a worker keeps parked (see :meth:`park`); also at most half
+    #: the worker's descriptor limit (``RLIMIT_NOFILE``), so that accepting never lacks one.
+    #: A class attribute (set it in a subclass), not a constructor keyword.
+    max_parked: int = 1000
+    _parked: dict[int, tuple[Any, Any, float, int]] | None = None
+    _just_parked: Any = None
+
+    def park(self, request: Any, client_address: Any, timeout: float) -> bool:
+        """Keep the idle connection ``request`` open without a handler, so that the worker
+        can serve other clients; True if it was parked.
+
+        For a handler that serves several requests per connection (HTTP keep-alive): it
+        calls this between two requests, when nothing of the next one has been read yet,
+        and then returns from ``handle()`` at once, touching the socket no more. The
+        connection is not closed: ``shutdown_request()`` leaves it alone. The worker's
+        loop watches it; when it becomes readable (a request, the client's EOF or a
+        reset), the loop runs it through ``process_request(request, client_address)``
+        again: a new handler instance, as for a new connection, but ``verify_request()``
+        is not asked again. A parked connection still idle after ``timeout`` seconds, or
+        when the worker leaves, is closed with ``shutdown_request()``.
+
+        False, and nothing happened, where parking is not possible: outside a worker's
+        own loop (plain ``socketserver``, a handler thread, an overridden
+        ``serve_in_worker``), once the worker is stopping, or with ``max_parked``
+        connections parked already. The handler then carries on or closes.
+
+        A worker with parked connections serves them and new clients in turn: a
+        handler should park after each request while :attr:`parked_connections` is not
+        zero, or the others wait until its client goes idle.
+
+        Only park a connection none of whose next bytes have been read: a buffered
+        ``rfile`` (``StreamRequestHandler`` with ``rbufsize`` not 0) or a TLS socket may
+        hold bytes read ahead, which the next handler would never see. An exception
+        raised by the handler after parking unparks the connection, and it is closed as
+        usual. An override of ``shutdown_request`` must call this one, or close nothing
+        that is parked. Each turn of a parked connection counts as a unit of work (for
+        ``max_requests`` and the served count), as a connection does.
+        """
+        if not self.can_park():
+            return False
+        parked = self._parked
+        worker = self.worker
+        assert parked is not None and worker is not None
+        fd = request.fileno()
+        if fd < 0 or not self._poll.watch_parked(fd):
+            return False
+        if not parked:
+            # To the back of the line on the listener (the loop registers it again), as
+            # in _accept_until_empty: a worker that still idles should take the next one.
+            self._poll.watch_listener(False)
+        deadline = time.monotonic() + timeout
+        parked[fd] = (request, client_address, deadline, self._turn)
+        if deadline < self._parked_expiry:
+            self._parked_expiry = deadline
+        self._just_parked = request
+        worker.set_connections(len(parked))
+        return True
+
+    def can_park(self) -> bool:
+        """Whether :meth:`park` would park a connection now."""
+        parked = self._parked
+        worker = self.worker
+        return (
+            parked is not None
+            and worker is not None
+            and worker.alive
+            and len(parked) < self._parked_limit
+            # The loop's own thread only: handler threads keep their connections.
+            and threading.get_ident() == self._loop_thread
+        )
+
+    def _no_parking_here(self) -> None:
+        self._parked = None
+
+    @property
+    def parked_connections(self) -> int:
+        """How many connections this worker holds parked now (0 outside a worker)."""
+        return len(self._parked or ())
+
+    def shutdown_request(self, request: Any) -> None:
+        """As ``socketserver``'s (shut the connection down and close it), except for the
+        connection just parked (see :meth:`park`), which stays open."""
+        if request is self._just_parked:
+            self._just_parked = None
+            return
+        super().shutdown_request(request)
+
+    def _resume(self, worker: Worker, fd: int) -> None:
+        parked = self._parked
+        assert parked is not None
+        request, client_address, _, turn = parked[fd]
+        if turn == self._turn:
+            # Parked during this very wake-up, under a descriptor number whose old
+            # connection the event was for: not known to be readable.
+            return
+        del parked[fd]
+        self._poll.resumed(fd)
+        if request is self._just_parked:
+            self._just_parked = None
+        worker.set_connections(len(parked))
+        if request.fileno() < 0:
+            return  # closed behind our back (an override that closes it itself)
+        worker.busy()
+        try:
+            self._process(request, client_address)
+        finally:
+            worker.idle()
+
+    def _expire_parked(self, now: float) -> None:
+        parked = self._parked
+        assert parked is not None
+        expired = [fd for fd, entry in parked.items() if entry[2] <= now]
+        for fd in expired:
+            request = parked.pop(fd)[0]
+            self._poll.forget(fd)
+            self._close_parked(request)
+        self._parked_expiry = min((entry[2] for entry in parked.values()), default=_NEVER)
+        if self.worker is not None:
+            self.worker.set_connections(len(parked))
+
+    def _close_parked(self, request: Any) -> None:
+        if request is self._just_parked:
+            self._just_parked = None
+        try:
+            self.shutdown_request(request)
+        except Exception:  # noqa: BLE001 - one connection's close must not end the loop
+            self._log.exception("error closing an idle connection")
 
     def ready_to_accept(self) -> bool:
         """Whether the worker takes new connections now (True; a thread pool that is
@@ -416,7 +590,19 @@ class PreforkMixIn(socketserver.BaseServer):
         return worker.alive
 
     def _accept_until_empty(self, worker: Worker) -> None:
+        if self._parked:
+            # Parked connections wait their turn too: one new connection per wake-up.
+            # And then to the back of the line of workers waiting on the listener (the
+            # loop registers it again): Linux wakes the first waiter (EPOLLEXCLUSIVE),
+            # and a worker with parked connections waits there all the time, so it would
+            # take every new connection while another worker idles.
+            if self._accept_next(worker):
+                self._poll.watch_listener(False)
+            return
         while self.ready_to_accept() and self._accept_next(worker):
+            if self._parked:  # that one was parked: now they all take turns, as above
+                self._poll.watch_listener(False)
+                return
             if not self._keep_serving(worker):
                 return
 
@@ -451,15 +637,32 @@ class PreforkMixIn(socketserver.BaseServer):
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
             return False
+        self._process(request, client_address)
+        return True
+
+    def _process(self, request: Any, client_address: Any) -> None:
         try:
             self.process_request(request, client_address)
         except Exception:  # noqa: BLE001 - one bad request must not end the worker
             self.handle_error(request, client_address)
+            self._unpark(request)  # parked, then failed: in no state to be served again
             self.shutdown_request(request)
         except BaseException:
+            self._unpark(request)
             self.shutdown_request(request)
             raise
-        return True
+
+    def _unpark(self, request: Any) -> None:
+        if request is not self._just_parked:
+            return
+        self._just_parked = None
+        parked = self._parked
+        fd = request.fileno()
+        if parked is not None and parked.get(fd, (None,))[0] is request:
+            del parked[fd]
+            self._poll.forget(fd)
+            if self.worker is not None:
+                self.worker.set_connections(len(parked))
 
 
 class PreforkThreadingMixIn(socketserver.ThreadingMixIn):
@@ -671,6 +874,7 @@ class _Poller:
     def __init__(self, listener: int, others: tuple[int, ...], exclusive: bool) -> None:
         self._listener = listener
         self._watching = False
+        self._parked_fds: set[int] = set()
         self._epoll: Any = None
         self._selector: selectors.BaseSelector | None = None
         self._exclusive = exclusive and hasattr(select, "EPOLLEXCLUSIVE")
@@ -699,6 +903,43 @@ class _Poller:
                 self._selector.register(self._listener, selectors.EVENT_READ)
             else:
                 self._selector.unregister(self._listener)
+
+    def watch_parked(self, fd: int) -> bool:
+        """Watch a parked connection until it is first readable (then no more, until
+        watched again); False if it cannot be watched."""
+        try:
+            if self._epoll is not None:
+                mask = select.EPOLLIN | select.EPOLLONESHOT
+                if fd in self._parked_fds:
+                    try:
+                        self._epoll.modify(fd, mask)  # re-armed: one system call
+                        return True
+                    except FileNotFoundError:  # closed since, and a new connection now
+                        pass
+                try:
+                    self._epoll.register(fd, mask)
+                except FileExistsError:
+                    self._epoll.modify(fd, mask)
+            elif self._selector is not None:
+                self._selector.register(fd, selectors.EVENT_READ)
+        except (OSError, ValueError, KeyError):
+            return False
+        self._parked_fds.add(fd)
+        return True
+
+    def forget(self, fd: int) -> None:
+        """Stop watching a parked connection (before it is closed)."""
+        self._parked_fds.discard(fd)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            elif self._selector is not None:
+                self._selector.unregister(fd)
+
+    def resumed(self, fd: int) -> None:
+        """A parked connection is taken out to be served."""
+        if self._selector is not None:  # epoll's one-shot watch has ended by itself
+            self.forget(fd)
 
     def wait(self, timeout: float) -> list[int]:
         if self._epoll is not None:

@@ -253,6 +253,22 @@ class Worker:
         """
         return self._slot.fewest_connections_elsewhere()
 
+    def idle_elsewhere(self, for_at_least: float = 0.0) -> bool:
+        """Whether another worker waits for work: idle, holding no connection (as
+        recorded with :meth:`set_connections`), alive by its heartbeat, and, if
+        ``for_at_least`` is given, waiting for that many seconds at least. Reads shared
+        memory only: no system call.
+
+        For a worker about to give up a connection because a client waits to be
+        accepted: if another worker is idle, the kernel wakes that one for the client,
+        and giving up would only move work around. And for a worker that holds several
+        connections: one of them would be better served by a worker that has been idle
+        for a while (not one that is just between two connections). Like
+        :meth:`fewest_connections_elsewhere`, it sees the workers of its own scoreboard
+        segment (64 with 4 KiB pages)."""
+        now = time.monotonic()
+        return self._slot.idle_elsewhere(now - self.poll_interval - 1.0, now - for_at_least)
+
     @property
     def alive(self) -> bool:
         """What :meth:`heartbeat` would return, without stamping the heartbeat: for a

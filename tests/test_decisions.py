@@ -22,12 +22,13 @@ from prefork_server.master import (
     SparePolicy,
     adaptive_target,
     describe_exit,
+    is_spare,
     next_deadline,
     overdue,
     respawn_delay,
     signal_action,
 )
-from prefork_server.scoreboard import Scoreboard, SlotState
+from prefork_server.scoreboard import Scoreboard, SlotState, SlotView
 from prefork_server.sockets import parse_bind
 from prefork_server.worker import Worker
 
@@ -159,6 +160,44 @@ def test_fewest_connections_elsewhere_counts_only_serving_workers() -> None:
         assert me.fewest_connections_elsewhere() == 7, "a freed slot is nobody"
     finally:
         board.close()
+
+
+def test_idle_elsewhere_sees_only_a_live_idle_worker_without_connections() -> None:
+    board = Scoreboard()
+    try:
+        me, other, booting = (board.allocate(0, 1, 0.0) for _ in range(3))
+        me.mark_booted(10.0)
+        assert not me.idle_elsewhere(since=9.0), "the booting worker does not serve yet"
+        other.mark_booted(10.0)
+        assert me.idle_elsewhere(since=9.0)
+        assert not me.idle_elsewhere(since=11.0), "its last beat is too old: stopped"
+        other.set_connections(2)  # idle between requests, but holding parked connections
+        assert not me.idle_elsewhere(since=9.0)
+        other.set_connections(0)
+        other.busy(12.0)
+        assert not me.idle_elsewhere(since=9.0)
+        other.idle(13.0)
+        assert me.idle_elsewhere(since=12.5)
+        assert not me.idle_elsewhere(since=12.5, until=12.9), "idle only since 13.0"
+        assert me.idle_elsewhere(since=12.5, until=13.0)
+        assert other.idle_elsewhere(since=9.0), "from the other's side: I am the idle one"
+        me.busy(13.5)
+        assert not other.idle_elsewhere(since=9.0), "and only I was"
+        other.stopping()
+        assert not me.idle_elsewhere(since=9.0)
+    finally:
+        board.close()
+
+
+def test_a_spare_worker_is_booting_or_idle_without_connections() -> None:
+    def view(state: SlotState, connections: int) -> SlotView:
+        return SlotView(1, 1, state, True, 0, 0, 0.0, 0.0, 0.0, connections)
+
+    assert is_spare(view(SlotState.BOOTING, 0))
+    assert is_spare(view(SlotState.IDLE, 0))
+    assert not is_spare(view(SlotState.IDLE, 3)), "idle in its loop, holding parked connections"
+    assert not is_spare(view(SlotState.BUSY, 0))
+    assert not is_spare(view(SlotState.STOPPING, 0))
 
 
 def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment(monkeypatch) -> None:

@@ -9,6 +9,7 @@ tested directly, with h11 as the reference parser of what we write.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import io
@@ -43,6 +44,7 @@ from examples.http.response import (
     error_response,
 )
 from examples.http.wsgi import InputStream, base_environ, new_key_cache, request_environ
+from prefork_server.scoreboard import SlotState, read_scoreboard
 
 HTTP = [sys.executable, "-W", "error::Warning:wsgiref.validate", "-m", "examples.http"]
 PROGRAMS = REPO / "tests" / "programs"
@@ -486,16 +488,28 @@ def test_alone_a_slow_client_gets_the_whole_read_timeout(serve) -> None:
     server.assert_clean_log()
 
 
-def test_an_idle_keep_alive_client_gives_way_to_a_waiting_one(serve) -> None:
-    server = serve("--keepalive-timeout", "60", workers=1)
+@pytest.mark.parametrize("threads", [False, True], ids=["parked", "threads-close-it"])
+def test_an_idle_keep_alive_client_gives_way_to_a_waiting_one(serve, threads: bool) -> None:
+    """The only worker holds an idle keep-alive connection when another client comes: the
+    newcomer is served long before the keep-alive timeout. A plain worker parks the idle
+    connection, which stays open and is served again; a handler thread cannot park, so
+    it closes it."""
+    server = serve("--keepalive-timeout", "60", *(["--threads", "1"] if threads else []),
+                   workers=1)  # fmt: skip
     idle = server.client()
     idle.request("GET", "/hello")
     assert idle.getresponse().read() == b"hello"
+    sock = idle.sock
     started = time.monotonic()
     status, _, body = server.get("/hello")  # the only worker holds `idle`'s connection
     assert (status, body) == (200, b"hello")
     assert time.monotonic() - started < 5, "served long before the keep-alive timeout"
-    assert at_eof(idle.sock)
+    if threads:
+        assert at_eof(idle.sock)
+    else:
+        idle.request("GET", "/hello")
+        assert idle.getresponse().read() == b"hello"
+        assert idle.sock is sock, "the parked connection was kept"
     idle.close()
 
     # Alone, a client keeps its connection across idle moments.
@@ -508,6 +522,154 @@ def test_an_idle_keep_alive_client_gives_way_to_a_waiting_one(serve) -> None:
     assert alone.getresponse().read() == b"hello"
     assert alone.sock is sock
     alone.close()
+    server.assert_clean_log()
+
+
+def all_workers_idle(server: Server) -> bool:
+    views = read_scoreboard(server.proc.pid)
+    return len(views) == len(server.initial_workers) and all(
+        v.booted and v.state == SlotState.IDLE for v in views
+    )
+
+
+def test_two_workers_keep_200_keep_alive_clients_and_answer_each_in_turn(serve) -> None:
+    """200 keep-alive clients against 2 workers: every one is answered while all 200
+    connections are open, then answered again on the same connection, which never says
+    ``Connection: close``: the idle connections wait parked in their worker's loop."""
+    server = serve("--no-access-log", "--keepalive-timeout", "60")
+    # Both take connections from the start (else one takes all, and some move later).
+    wait_for(lambda: all_workers_idle(server), what="both workers waiting for clients")
+    clients = 200
+    everybody_answered = threading.Barrier(clients + 1, timeout=60)
+    answered_twice = threading.Barrier(clients, timeout=60)
+    results: list[tuple[int, ...] | None] = [None] * clients
+
+    def client(i: int) -> None:
+        with server.connect(timeout=60) as s:
+            f = s.makefile("rb")
+            s.sendall(get(f"/hello?n={i}"))
+            first = read_response(f)
+            try:
+                everybody_answered.wait()  # nobody leaves before all were answered
+            except threading.BrokenBarrierError:
+                return
+            s.sendall(get(f"/pid?n={i}"))
+            second = read_response(f)
+            results[i] = (first.status, second.status,
+                          "close" in (first.headers.get("connection"),
+                                      second.headers.get("connection")))  # fmt: skip
+            # A worker whose clients all left would be idle, and the other one would
+            # then hand it connections (closing them): not what this test is about.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                answered_twice.wait()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        everybody_answered.wait()
+    except threading.BrokenBarrierError:
+        pytest.fail("not every client was answered while all 200 were connected")
+    for t in threads:
+        t.join(60)
+    assert results == [(200, 200, False)] * clients
+    server.assert_workers_unchanged()
+    server.assert_clean_log()
+
+
+def test_two_keep_alive_clients_get_a_worker_each(serve) -> None:
+    """As many clients as workers: each keeps its connection and a worker of its own (a
+    worker gives up a connection for a waiting client only when no other worker idles)."""
+    server = serve("--no-access-log")
+    wait_for(lambda: all_workers_idle(server), what="both workers waiting for clients")
+    socks = [server.connect(), server.connect()]  # both queue before either asks
+    try:
+        files = [s.makefile("rb") for s in socks]
+        pids: list[set[bytes]] = [set(), set()]
+        for _ in range(100):
+            for s in socks:
+                s.sendall(get("/pid"))
+            for i, f in enumerate(files):
+                r = read_response(f)
+                assert (r.status, r.headers.get("connection")) == (200, None)
+                pids[i].add(r.body)
+        assert len(pids[0]) == len(pids[1]) == 1
+        assert pids[0] != pids[1], "both connections on one worker while the other idles"
+    finally:
+        for s in socks:
+            s.close()
+    server.assert_clean_log()
+
+
+def test_parked_connections_move_to_a_worker_that_became_idle(serve) -> None:
+    """Two keep-alive clients end up on one worker while the other is busy (with a slow
+    request); once that one idles, one of the two connections is ended after a response
+    and its client's next connection goes to the idle worker."""
+    server = serve("--no-access-log", "--keepalive-timeout", "60")
+    wait_for(lambda: all_workers_idle(server), what="both workers waiting for clients")
+    with server.connect() as slow:
+        slow.sendall(get("/drip?n=2&ms=1500", "Connection: close"))
+        assert slow.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"  # a worker is busy
+        a, b = server.client(), server.client()
+        try:
+            last: dict[int, bytes] = {}
+            for i in (0, 1):  # both on the other worker: a is parked to serve b
+                conn = (a, b)[i]
+                conn.request("GET", "/pid")
+                last[i] = conn.getresponse().read()
+            assert last[0] == last[1]
+            assert at_eof(slow), "the slow request ended: its worker idles"
+            moved = False
+            for _ in range(50):
+                for i in (0, 1):
+                    conn = (a, b)[i]
+                    conn.request("GET", "/pid")  # reconnects after a Connection: close
+                    r = conn.getresponse()
+                    assert r.status == 200
+                    last[i] = r.read()
+                    moved = moved or r.will_close
+                if last[0] != last[1]:
+                    break
+            assert moved and last[0] != last[1], "still both on one worker"
+        finally:
+            a.close()
+            b.close()
+    server.assert_clean_log()
+
+
+def test_a_worker_with_parked_connections_retires_cleanly_at_max_requests(serve) -> None:
+    """Three keep-alive clients sending at once, one worker with ``--max-requests 5``: the
+    worker serves what is there, closes its parked connections and retires as such (a
+    busy connection once turned its "stopping" state back into "busy", and the master
+    took the exit for a worker that returned from its work by mistake)."""
+    server = serve("--max-requests", "5", "--keepalive-timeout", "60", workers=1)
+    socks = [server.connect() for _ in range(3)]
+    pids: set[bytes] = set()
+    try:
+        for _ in range(12):
+            for s in socks:
+                s.sendall(get("/pid"))
+            for i, s in enumerate(socks):
+                try:
+                    r = read_response(s.makefile("rb"))
+                except (EOFError, ConnectionResetError):  # closed unanswered: retry it
+                    socks[i].close()
+                    socks[i] = s = server.connect()
+                    s.sendall(get("/pid"))
+                    r = read_response(s.makefile("rb"))
+                assert r.status == 200
+                pids.add(r.body)
+                if r.headers.get("connection") == "close":
+                    assert at_eof(s)
+                    socks[i].close()
+                    socks[i] = server.connect()
+    finally:
+        for s in socks:
+            s.close()
+    assert len(pids) >= 3, "36 requests, a new worker every 5"
+    out = server.output()
+    assert out.count("retired (max_requests)") >= 2, out
+    assert "returned from its work function" not in out, out
     server.assert_clean_log()
 
 

@@ -569,3 +569,109 @@ def test_clients_waiting_tells_a_handler_that_another_client_queues(app) -> None
     holder.close()
     proc.signal(signal.SIGQUIT)
     assert proc.wait() == 0
+
+
+# -- 6. parked connections (PreforkMixIn.park) --------------------------------------------
+
+
+def park_turn(s: socket.socket, line: str) -> tuple[int, int, int, str]:
+    """One turn of the ``park`` handler: ``(pid, parked, verified, line)`` of its answer."""
+    s.sendall(f"{line}\n".encode())
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = s.recv(4096)
+        assert chunk, f"closed instead of answering {line!r} (got {answer!r})"
+        answer += chunk
+    pid, parked, verified, text = answer.decode().split(" ", 3)
+    assert text.endswith("\n") and "not parked" not in text, answer
+    return int(pid), int(parked), int(verified), text.strip()
+
+
+def closed_by_server(s: socket.socket, timeout: float = 10.0) -> bool:
+    s.settimeout(timeout)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def scoreboard_connections(master: int) -> int:
+    from prefork_server.scoreboard import read_scoreboard
+
+    return sum(view.connections for view in read_scoreboard(master))
+
+
+def test_one_worker_keeps_idle_connections_parked_and_serves_each_again(app) -> None:
+    """One worker, 30 clients: each is answered and its connection parked, open, while the
+    worker serves the next; then each is served again on its own connection, by a new
+    handler but without a second verify_request(). Without parking a single worker could
+    answer none of the second turns while another connection is open."""
+    proc = app("--handler", "park", "--workers", "1", "--timeout", "30")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    clients = [connect(port) for _ in range(30)]
+    try:
+        for i, s in enumerate(clients):
+            assert park_turn(s, f"first {i}") == (worker, i, i + 1, f"first {i}")
+        wait_for(lambda: scoreboard_connections(proc.pid) == 30, what="30 parked in the status")
+        for i, s in reversed(list(enumerate(clients))):
+            assert park_turn(s, f"second {i}") == (worker, 29, 30, f"second {i}")
+        for s in clients[:15]:  # clients that leave: their parked connections are closed
+            s.close()
+        wait_for(lambda: scoreboard_connections(proc.pid) == 15, what="15 parked left")
+        assert park_turn(clients[20], "third") == (worker, 14, 30, "third")
+        proc.signal(signal.SIGQUIT)  # idle connections end with the worker, at once
+        assert all(closed_by_server(s) for s in clients[15:])
+        assert proc.wait() == 0
+    finally:
+        for s in clients:
+            s.close()
+    assert "DONE children=0" in proc.output()
+    assert "Traceback" not in proc.output()
+
+
+def test_a_parked_connection_idle_past_its_timeout_is_closed(app) -> None:
+    proc = app("--handler", "park", "--workers", "1", "--park-timeout", "0.5")
+    port = proc.port()
+    (worker,) = wait_workers(proc.pid, 1)
+    with connect(port) as idle, connect(port) as talking:
+        park_turn(idle, "once")
+        idle_from = time.monotonic()
+        # Each turn parks again with a fresh timeout: 8 turns 0.2 s apart outlive it.
+        for i in range(8):
+            assert park_turn(talking, f"turn {i}")[0] == worker
+            time.sleep(0.2)  # the scenario: a client that pauses less than the timeout
+        assert closed_by_server(idle)
+        assert 0.4 <= time.monotonic() - idle_from < 10
+        assert park_turn(talking, "still open")[3] == "still open"
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_a_handler_that_raises_after_parking_gets_its_connection_closed(app) -> None:
+    proc = app("--handler", "park", "--workers", "1")
+    port = proc.port()
+    with connect(port) as calm, connect(port) as failing:
+        park_turn(calm, "calm")
+        assert park_turn(failing, "raise")[1:3] == (1, 2)
+        assert closed_by_server(failing), "not served again after the error"
+        wait_for(lambda: scoreboard_connections(proc.pid) == 1, what="only calm parked")
+        assert park_turn(calm, "still here")[1:] == (0, 2, "still here")
+    proc.wait_output(r"(?s)error handling a request.*RuntimeError: boom after parking")
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
+@pytest.mark.parametrize("server", ["threading", "forking"])
+def test_handler_threads_and_forked_children_do_not_park(app, server: str) -> None:
+    proc = app("--server", server, "--handler", "park", "--workers", "1")
+    port = proc.port()
+    with connect(port) as s:
+        s.sendall(b"hello\n")
+        f = s.makefile("rb")
+        assert f.readline().endswith(b" hello\n")
+        assert f.readline() == b"not parked\n"
+        assert closed_by_server(s)
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0

@@ -68,8 +68,8 @@ def parser() -> argparse.ArgumentParser:
         "--keepalive-turn",
         type=int,
         metavar="N",
-        help="while other clients wait for a worker, close a keep-alive connection after "
-        f"N requests (default {DEFAULTS.keepalive_turn})",
+        help="while other clients need the worker, a keep-alive connection gives it up "
+        f"(parked, or closed) after N requests (default {DEFAULTS.keepalive_turn})",
     )
     http.add_argument(
         "--no-access-log",

@@ -28,10 +28,14 @@ Design choices, each for a reason:
   names map to environ keys through a per-process cache, the ``Date`` header is formatted
   once per second, a small list body goes out with its head in a single ``send``, and with
   the access log off no logging call is made at all.
-* A worker serves one connection at a time, so keep-alive must not starve the clients
-  waiting in the accept queue: a response says ``Connection: close`` when another client is
-  waiting, and a connection idle for ``keepalive_yield`` seconds is closed as soon as one
-  arrives. A single client keeps its connection as long as nobody else needs the worker.
+* A worker serves one request at a time, so keep-alive must not starve the other clients:
+  when others need the worker (its other parked connections, or a client waiting to be
+  accepted while no other worker idles), a connection is parked after its response
+  (``PreforkMixIn.park``: it stays open, and the worker's loop serves it again when its
+  next request comes); a connection idle for 10 ms is parked too.
+  Where parking is not possible (handler threads), the response says
+  ``Connection: close`` instead, and an idle connection is closed once a client waits. A
+  single client keeps its connection as long as nobody else needs the worker.
 * Errors the client caused (malformed input, limits, timeouts) are answered with a canned
   response and ``Connection: close`` and logged at info level; application errors are
   logged with their traceback; a client that goes away is logged at debug level only.
@@ -98,6 +102,11 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 takes a request head to end
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _WAITING_RECHECK = 0.001  # seconds a "nobody waits" answer is trusted
+# An idle keep-alive connection is parked after this long (seconds), where it can be.
+_PARK_MOMENT = 0.01
+# A parked connection moves (is closed after its response) only to a worker idle for this
+# long (seconds): not to one that is just between two connections.
+_IDLE_FOR_A_MOVE = 0.005
 _READABLE = 1  # _wait_for_request: the socket is readable
 _RECEIVED = 2  # _wait_for_request: h11 got the next bytes (or the EOF) already
 
@@ -130,14 +139,16 @@ class HTTPSettings:
       keep ``read_timeout``: a slow upload is not cut because the server is busy.
     - ``keepalive_timeout`` (5 s): how long an idle keep-alive connection is kept; 0
       turns keep-alive off (every response says ``Connection: close``).
-    - ``keepalive_turn`` (1): while another client waits to be accepted, a keep-alive
-      connection is closed after this many requests (its response says
-      ``Connection: close``). Alone, a client keeps its connection. Larger values trade
-      the waiting clients' latency for throughput.
-    - ``keepalive_yield`` (0.5 s): an idle keep-alive connection gives its worker up
-      after this long if another client is waiting to be accepted. Closing an idle
-      connection races with a request the client may be sending (RFC 9112 9.6: clients
-      retry); waiting this long first makes that rare even on a loaded machine.
+    - ``keepalive_turn`` (1): while other clients need the worker, a keep-alive
+      connection gives it up after this many requests: it is parked, or, where it
+      cannot be, its response says ``Connection: close``. Alone, a client keeps its
+      worker. Larger values trade the other clients' latency for throughput.
+    - ``keepalive_yield`` (0.5 s): where a connection cannot be parked (handler
+      threads), an idle keep-alive connection is closed after this long if another
+      client is waiting to be accepted. Closing an idle connection races with a request
+      the client may be sending (RFC 9112 9.6: clients retry); waiting this long first
+      makes that rare even on a loaded machine. Parking has no such race: an idle
+      connection is parked after 10 ms (or this long, if shorter).
     - ``access_log`` (True): one line per request in the common log format, plus the
       duration in seconds, at info level on the ``<server logger>.access`` logger.
     - ``server_software`` (``"prefork-server"``): the ``Server`` header and
@@ -248,6 +259,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
     _recv_timeout_set = False  # SO_RCVTIMEO, for the keep-alive wait
     _fed = 0  # bytes given to the current h11.Connection
     _last_read = 0  # bytes of the last read, still in self._buf
+    _park_after = False  # park the connection after this response (it says keep-alive)
 
     def _new_process_state(self) -> dict[str, Any]:
         worker = getattr(self.server, "worker", None)
@@ -260,10 +272,18 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         listener = getattr(self.server, "socket", None)
         if worker is None or clients_waiting is None or listener is None:
             clients_waiting = listener = None
+        # Parking idle connections in the worker's loop (PreforkMixIn.park), where the
+        # server can: a worker then serves many keep-alive clients in turn.
+        park = getattr(self.server, "park", None) if worker is not None else None
+        can_park = getattr(self.server, "can_park", None)
+        if park is None or can_park is None:
+            park = can_park = None
         return {
             "buffers": [],
             "listener": listener,
             "clients_waiting": clients_waiting,
+            "park": park,
+            "can_park": can_park,
             "handler": type(self),
             "log": log,
             "access": logging.getLogger(log.name + ".access"),
@@ -274,6 +294,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             ),
             "keys": new_key_cache(),
             "quiet_until": 0.0,  # _others_waiting: nobody waited when last asked
+            "busy_until": 0.0,  # _idle_elsewhere: no other worker idled when last asked
+            "busy_long_until": 0.0,  # the same, for an idle time of _IDLE_FOR_A_MOVE
         }
 
     def finish(self) -> None:
@@ -285,7 +307,18 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             request = self._next_request(first)
             if request is None or not self._serve(request):
                 return
+            if self._park_after:
+                self._park_after = False
+                # Unless the client has sent more already (pipelining): serve that first.
+                if not self._pending and self._park(self._settings.keepalive_timeout):
+                    return
             first = False
+
+    def _park(self, timeout: float) -> bool:
+        """Hand the idle connection to the worker's loop (see ``PreforkMixIn.park``);
+        True if it took it: the connection is then no longer this handler's."""
+        park = self._state["park"]
+        return park is not None and bool(park(self.request, self.client_address, timeout))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -400,6 +433,10 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         # poll() and then a recv() would be two.
         settings = self._settings
         moment = min(settings.keepalive_yield, settings.keepalive_timeout)
+        if self._state["park"] is not None:
+            # Parking has no race to fear: the worker is not held for longer than needed
+            # to catch a client's next request sent at once.
+            moment = min(moment, _PARK_MOMENT)
         if moment >= 0.001:
             sock = self.request
             if not self._recv_timeout_set:
@@ -427,6 +464,16 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                 return _RECEIVED
         if not worker.heartbeat():
             return False
+        # Idle for a moment: the connection waits parked in the worker's loop, which
+        # serves other clients meanwhile, where it can; else here, until a client waits.
+        can_park = self._state["can_park"]
+        if can_park is not None:
+            if can_park():
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and self._park(remaining):
+                    return False
+            elif self._parked_elsewhere():
+                return False  # cannot park (at max_parked): others are served in turn
         return self._wait_unless_clients_wait(deadline, stop_when_asked=True)
 
     def _wait_for_head(self, deadline: float, busy_deadline: float, stop_when_asked: bool) -> bool:
@@ -438,6 +485,9 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         if self._wait(readable, busy_deadline, stop_when_asked):
             return True
         if self._why == "stopping":
+            return False
+        if self._parked_elsewhere():
+            self._why = "other connections of this worker were waiting"
             return False
         return self._wait_unless_clients_wait(deadline, stop_when_asked)
 
@@ -687,14 +737,24 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             if self._expect_100 and not self._sent_100:
                 keep = False  # the client may or may not send the body now: cannot tell
             worker = self._worker
-            if worker is not None and (
-                not worker.heartbeat()
-                or (self._served >= self._settings.keepalive_turn and self._others_waiting())
-            ):
-                # The per-request heartbeat (a pipelining client may never let us wait
-                # for it), a graceful stop, or this connection had its turn and another
-                # client waits for this worker.
-                keep = False
+            if worker is not None:
+                # The per-request heartbeat: a pipelining client may never let us wait.
+                if not worker.heartbeat():
+                    keep = False  # a graceful stop
+                elif self._served >= self._settings.keepalive_turn and self._must_yield(worker):
+                    # This connection had its turn and others need the worker: it waits
+                    # parked in the worker's loop, or, where it cannot, it ends.
+                    # But a worker that idles gets the connection instead: it ends, and
+                    # the client's next connection wakes that worker.
+                    can_park = self._state["can_park"]
+                    if (
+                        can_park is not None
+                        and can_park()
+                        and not self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
+                    ):
+                        self._park_after = True
+                    else:
+                        keep = False
         try:
             head, framing, length, keep = build_head(
                 self._status,
@@ -920,6 +980,31 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             discarded += n
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _must_yield(self, worker: Any) -> bool:
+        """Whether this connection should give its worker up after the response: other
+        connections of this worker are parked (they are served in turn), or a client
+        waits to be accepted and no other worker is idle to take it."""
+        if self._parked_elsewhere():
+            return True
+        return self._others_waiting() and not self._idle_elsewhere(worker)
+
+    def _parked_elsewhere(self) -> bool:
+        """Whether this worker holds parked connections (other than this one)."""
+        return self._state["park"] is not None and bool(self.server.parked_connections)  # type: ignore[attr-defined]
+
+    def _idle_elsewhere(self, worker: Any, for_at_least: float = 0.0) -> bool:
+        """Whether another worker idles (``Worker.idle_elsewhere``); a "no" is trusted for
+        a millisecond, as in :meth:`_others_waiting`."""
+        key = "busy_until" if not for_at_least else "busy_long_until"
+        state = self._state
+        now = time.monotonic()
+        if now < state[key]:
+            return False
+        if worker.idle_elsewhere(for_at_least):
+            return True
+        state[key] = now + _WAITING_RECHECK
+        return False
 
     def _others_waiting(self) -> bool:
         """True if a client waits in the accept queue (prefork servers only).

@@ -15,6 +15,12 @@ Handlers (``--handler``):
   - ``stuck``: ``stuck <pid>``, then sleeps without a heartbeat
   - ``stream``: 64 KiB chunks for as long as the client reads (bounded)
   - ``shutdown``: calls ``server.shutdown()`` (inside the worker), ``bye <pid>``
+
+* ``park``: per turn, reads one line and answers ``<pid> <parked> <verified> <line>``
+  (``parked``: the connections the worker held parked; ``verified``: how often
+  ``verify_request`` ran in this worker), then parks the connection for
+  ``--park-timeout`` seconds, or says ``not parked`` and closes it. A line starting with
+  ``raise`` makes it raise after parking.
 """
 
 from __future__ import annotations
@@ -76,6 +82,38 @@ class Ctl(socketserver.StreamRequestHandler):
             self.say(f"unknown {command}")
 
 
+class Parking(socketserver.BaseRequestHandler):
+    timeout = 30.0
+
+    def handle(self) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            line += chunk
+        server: PreforkTCPServer = self.server  # type: ignore[assignment]
+        verified = getattr(server, "verified", 0)
+        self.request.sendall(b"%d %d %d " % (os.getpid(), server.parked_connections, verified)
+                             + line)  # fmt: skip
+        if not server.park(self.request, self.client_address, self.timeout):
+            self.request.sendall(b"not parked\n")
+        elif line.startswith(b"raise"):
+            raise RuntimeError("boom after parking")
+
+
+class CountingVerify:
+    """Counts verify_request() calls in the worker (a mix-in)."""
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        self.verified = getattr(self, "verified", 0) + 1
+        return True
+
+
+class TCPServer(CountingVerify, PreforkTCPServer):
+    pass
+
+
 class TCP6Server(PreforkTCPServer):
     address_family = socket.AF_INET6
 
@@ -85,6 +123,10 @@ class HTTPServer(PreforkTCPServer, http.server.HTTPServer):
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, PreforkTCPServer):
+    pass
+
+
+class ForkingServer(socketserver.ForkingMixIn, PreforkTCPServer):
     pass
 
 
@@ -122,8 +164,10 @@ def shut_down_after_first_answer(server: socketserver.BaseServer) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading"], default="tcp")
-    p.add_argument("--handler", choices=["lines", "ctl", "http"], default="ctl")
+    p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading", "forking"],
+                   default="tcp")  # fmt: skip
+    p.add_argument("--handler", choices=["lines", "ctl", "http", "park"], default="ctl")
+    p.add_argument("--park-timeout", type=float, default=30.0)
     p.add_argument("--bind", default="127.0.0.1", help="host, or the socket path for unix "
                    "(@name: in the abstract namespace)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
@@ -136,15 +180,16 @@ def main() -> None:
     if a.debug:  # the server's default logger keeps a level that is already set
         logging.getLogger("prefork_server.prefork_server").setLevel(logging.DEBUG)
 
-    handler: object = {"lines": LineEcho, "ctl": Ctl}.get(a.handler)
+    Parking.timeout = a.park_timeout
+    handler: object = {"lines": LineEcho, "ctl": Ctl, "park": Parking}.get(a.handler)
     if a.handler == "http":
         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=a.dir)
     if a.server == "unix":
         cls: type[socketserver.BaseServer] = PreforkUnixStreamServer
         address: object = "\0" + a.bind[1:] if a.bind.startswith("@") else a.bind  # abstract
     else:
-        cls = {"tcp": PreforkTCPServer, "tcp6": TCP6Server, "http": HTTPServer,
-               "threading": ThreadingServer}[a.server]  # fmt: skip
+        cls = {"tcp": TCPServer, "tcp6": TCP6Server, "http": HTTPServer,
+               "threading": ThreadingServer, "forking": ForkingServer}[a.server]  # fmt: skip
         address = (a.bind, 0)
     with cls(address, handler, workers=a.workers, timeout=a.timeout) as server:
         if a.server == "unix":
