@@ -396,7 +396,9 @@ class PreforkMixIn(socketserver.BaseServer):
                             wait = min(wait, max(self._parked_expiry - now, 0.0))
                     poll.watch_listener(paused <= 0 and self.ready_to_accept())
                     self._turn += 1
-                    for fd in poll.wait(wait):
+                    ready = poll.wait(wait)
+                    self._ready_count = len(ready)
+                    for fd in ready:
                         if fd == listener:
                             if worker.alive:  # not once stopping (max_requests reached)
                                 self._accept_until_empty(worker)
@@ -424,6 +426,7 @@ class PreforkMixIn(socketserver.BaseServer):
     max_parked: int = 1000
     _parked: dict[int, tuple[Any, Any, float, int]] | None = None
     _just_parked: Any = None
+    _ready_count = 1  # descriptors ready at the loop's last wake-up
 
     def park(self, request: Any, client_address: Any, timeout: float) -> bool:
         """Keep the idle connection ``request`` open without a handler, so that the worker
@@ -517,13 +520,15 @@ class PreforkMixIn(socketserver.BaseServer):
         self._poll.resumed(fd)
         if request is self._just_parked:
             self._just_parked = None
-        worker.set_connections(len(parked))
         if request.fileno() < 0:
+            worker.set_connections(len(parked))
             return  # closed behind our back (an override that closes it itself)
+        worker.set_connections(len(parked) + 1)  # it still counts while served
         worker.busy()
         try:
             self._process(request, client_address)
         finally:
+            worker.set_connections(len(parked))
             worker.idle()
 
     def _expire_parked(self, now: float) -> None:
@@ -591,13 +596,17 @@ class PreforkMixIn(socketserver.BaseServer):
 
     def _accept_until_empty(self, worker: Worker) -> None:
         if self._parked:
-            # Parked connections wait their turn too: one new connection per wake-up.
-            # And then to the back of the line of workers waiting on the listener (the
-            # loop registers it again): Linux wakes the first waiter (EPOLLEXCLUSIVE),
-            # and a worker with parked connections waits there all the time, so it would
-            # take every new connection while another worker idles.
-            if self._accept_next(worker):
-                self._poll.watch_listener(False)
+            # Parked connections and new ones take turns: per wake-up, as many new ones
+            # as there were descriptors ready (each new one is served a request at once,
+            # as each ready parked one is). And then to the back of the line of workers
+            # waiting on the listener (the loop registers it again): Linux wakes the
+            # first waiter (EPOLLEXCLUSIVE), and a worker with parked connections waits
+            # there all the time, so it would take every new connection while another
+            # worker idles.
+            for _ in range(self._ready_count):
+                if not self._accept_next(worker):
+                    break
+            self._poll.watch_listener(False)
             return
         while self.ready_to_accept() and self._accept_next(worker):
             if self._parked:  # that one was parked: now they all take turns, as above
@@ -625,10 +634,15 @@ class PreforkMixIn(socketserver.BaseServer):
             return True
 
     def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
+        parked = self._parked
+        if parked is not None:  # the connection counts, as the parked ones do
+            worker.set_connections(len(parked) + 1)
         worker.busy()
         try:
             self._handle_one(request, client_address)
         finally:
+            if parked is not None:
+                worker.set_connections(len(parked))
             worker.idle()
 
     def _handle_one(self, request: Any, client_address: Any) -> bool:
