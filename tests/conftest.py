@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,27 @@ def wait_for(
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def run_clients(
+    client: Callable[[int], None],
+    count: int,
+    barrier: threading.Barrier,
+    what: str,
+    join_timeout: float = 30.0,
+) -> None:
+    """Run ``client(i)`` for i in range(count), each in a daemon thread, and take part in
+    ``barrier`` (made for count + 1 parties) from this thread: the test fails with
+    ``what`` if it breaks. Then wait for the threads."""
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pytest.fail(what)
+    for t in threads:
+        t.join(join_timeout)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

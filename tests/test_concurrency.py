@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Proc, is_alive, wait_for, wait_workers
+from conftest import REPO, Proc, is_alive, run_clients, wait_for, wait_workers
 
 from prefork_server.scoreboard import read_scoreboard
 
@@ -46,15 +46,8 @@ def hold_many(port: int, clients: int = CLIENTS) -> list[bool]:
             s.sendall(second)
             results[i] = ok and recv_exactly(s, len(second)) == second
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        first_answers.wait()
-    except threading.BrokenBarrierError:
-        pytest.fail("not every client got its first answer while all were connected")
-    for t in threads:
-        t.join(30)
+    run_clients(client, clients, first_answers,
+                "not every client got its first answer while all were connected")  # fmt: skip
     return results
 
 

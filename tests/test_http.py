@@ -31,7 +31,7 @@ from typing import Any
 
 import h11
 import pytest
-from conftest import REPO, Proc, is_alive, wait_for, wait_workers
+from conftest import REPO, Proc, is_alive, run_clients, wait_for, wait_workers
 
 from examples.http import HTTPSettings, make_handler
 from examples.http.response import (
@@ -563,15 +563,8 @@ def test_two_workers_keep_200_keep_alive_clients_and_answer_each_in_turn(serve) 
             with contextlib.suppress(threading.BrokenBarrierError):
                 answered_twice.wait()
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        everybody_answered.wait()
-    except threading.BrokenBarrierError:
-        pytest.fail("not every client was answered while all 200 were connected")
-    for t in threads:
-        t.join(60)
+    run_clients(client, clients, everybody_answered,
+                "not every client was answered while all 200 were connected", 60)  # fmt: skip
     assert results == [(200, 200, False)] * clients
     server.assert_workers_unchanged()
     server.assert_clean_log()
