@@ -172,6 +172,9 @@ class PreforkMixIn(socketserver.BaseServer):
         for name in self._SETTINGS:
             settings.setdefault(name, getattr(self, name))
         self._options = Options(**settings)  # raises ValueError before we bind anything
+        parked = self.max_parked
+        if not isinstance(parked, int) or isinstance(parked, bool) or parked < 0:
+            raise ValueError(f"max_parked must be an integer >= 0, not {parked!r}")
         for name, value in settings.items():
             setattr(self, name, value)
         self._log = self.logger or default_logger(self.app_name)

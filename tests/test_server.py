@@ -477,6 +477,12 @@ def test_an_invalid_class_attribute_is_refused_too() -> None:
     with pytest.raises(ValueError, match="^workers "):
         Bad(("127.0.0.1", 0), socketserver.BaseRequestHandler)
 
+    class BadParking(PreforkTCPServer):
+        max_parked = -5
+
+    with pytest.raises(ValueError, match="^max_parked must be an integer >= 0, not -5"):
+        BadParking(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+
 
 def test_valid_options_become_attributes() -> None:
     logger = logging.getLogger("test_server.valid")
