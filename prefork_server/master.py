@@ -150,11 +150,11 @@ class SparePolicy:
 
 
 def is_spare(view: SlotView) -> bool:
-    """Whether a worker is spare: booting, or idle holding no connection (a worker idle
-    in its loop may hold parked keep-alive connections, or open ones of an event loop)."""
-    if view.state == SlotState.BOOTING:
-        return True
-    return view.state == SlotState.IDLE and view.connections == 0
+    """Whether a worker is spare: booting, or idle. An idle worker may hold idle
+    connections (parked keep-alive ones, an event loop's): it takes a new client at once
+    all the same. Counting it busy would grow the pool for clients that send nothing,
+    and a new worker, being idle, soon gets a client moved to it and looks busy too."""
+    return view.state in (SlotState.IDLE, SlotState.BOOTING)
 
 
 def adaptive_target(total: int, spare: int, policy: SparePolicy) -> int:

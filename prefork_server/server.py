@@ -366,6 +366,7 @@ class PreforkMixIn(socketserver.BaseServer):
         self._accept_paused_until = 0.0
         parked = self._parked = {}
         self._loop_thread = threading.get_ident()
+        loop_pid = os.getpid()
         # A process forked by a handler (ForkingMixIn, an application) has our thread
         # ident, but no loop watches its sockets, and our scoreboard slot is not its own.
         os.register_at_fork(after_in_child=self._no_parking_here)
@@ -394,8 +395,6 @@ class PreforkMixIn(socketserver.BaseServer):
                             else:
                                 self._accept_paused_until = 0.0
                         if parked:
-                            if now >= self._parked_expiry:
-                                self._expire_parked(now)
                             wait = min(wait, max(self._parked_expiry - now, 0.0))
                     poll.watch_listener(paused <= 0 and self.ready_to_accept())
                     self._turn += 1
@@ -412,14 +411,26 @@ class PreforkMixIn(socketserver.BaseServer):
                             _drain(fd)
                         elif fd in worker.wakeup_fds:
                             worker.drain_wakeup(fd)
+                    # After the events: a connection whose request came meanwhile was
+                    # served above rather than closed unread.
+                    if parked and time.monotonic() >= self._parked_expiry:
+                        self._expire_parked(time.monotonic())
                     self.service_actions()
+                # Leaving: the requests that came already are answered (the worker says
+                # Connection: close now), as a request in progress would be.
+                self._turn += 1
+                for fd in poll.wait(0) if parked else ():
+                    if fd in parked:
+                        self._resume(worker, fd)
         finally:
             # Idle between two requests, they may be closed (the client retries, RFC 9112
-            # 9.6); nobody else will.
+            # 9.6); nobody else will. Not in a child forked by a handler that returned
+            # here (sys.exit): these are its parent's.
             self._parked = None
-            for sock, _, _, _ in parked.values():
-                self._close_parked(sock)
-            worker.set_connections(0)
+            if os.getpid() == loop_pid:
+                for sock, _, _, _ in parked.values():
+                    self._close_parked(sock)
+                worker.set_connections(0)
 
     # -- parked connections -------------------------------------------------------------
 
@@ -497,6 +508,14 @@ class PreforkMixIn(socketserver.BaseServer):
 
     def _no_parking_here(self) -> None:
         self._parked = None
+        self._just_parked = None
+
+    @property
+    def ready_at_wakeup(self) -> int:
+        """How many descriptors were ready when the worker's loop last woke up (parked
+        connections with a request, the listener): more than one means that other
+        clients wait for this worker while it serves one."""
+        return self._ready_count
 
     @property
     def parked_connections(self) -> int:
@@ -538,11 +557,23 @@ class PreforkMixIn(socketserver.BaseServer):
         parked = self._parked
         assert parked is not None
         expired = [fd for fd, entry in parked.items() if entry[2] <= now]
-        for fd in expired:
-            request = parked.pop(fd)[0]
-            self._poll.forget(fd)
-            self._close_parked(request)
-        self._parked_expiry = min((entry[2] for entry in parked.values()), default=_NEVER)
+        if expired:
+            # One whose request came since the loop's wait is served, not closed unread.
+            check = select.poll()
+            for fd in expired:
+                check.register(fd, select.POLLIN)
+            readable = {fd for fd, _ in check.poll(0)}
+            for fd in expired:
+                if fd in readable:
+                    continue
+                request = parked.pop(fd)[0]
+                self._poll.forget(fd)
+                self._close_parked(request)
+        # The spared ones are watched as before; their deadline is looked at again once
+        # the loop has served them, or a moment later.
+        self._parked_expiry = min(
+            (max(entry[2], now + 0.01) for entry in parked.values()), default=_NEVER
+        )
         if self.worker is not None:
             self.worker.set_connections(len(parked))
 
@@ -607,7 +638,7 @@ class PreforkMixIn(socketserver.BaseServer):
             # there all the time, so it would take every new connection while another
             # worker idles.
             for _ in range(self._ready_count):
-                if not self._accept_next(worker):
+                if not (worker.alive and self.ready_to_accept() and self._accept_next(worker)):
                     break
             self._poll.watch_listener(False)
             return

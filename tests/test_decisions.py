@@ -189,14 +189,15 @@ def test_idle_elsewhere_sees_only_a_live_idle_worker_without_connections() -> No
         board.close()
 
 
-def test_a_spare_worker_is_booting_or_idle_without_connections() -> None:
+def test_a_spare_worker_is_booting_or_idle_whatever_it_holds() -> None:
     def view(state: SlotState, connections: int) -> SlotView:
         return SlotView(1, 1, state, True, 0, 0, 0.0, 0.0, 0.0, connections)
 
     assert is_spare(view(SlotState.BOOTING, 0))
     assert is_spare(view(SlotState.IDLE, 0))
-    assert not is_spare(view(SlotState.IDLE, 3)), "idle in its loop, holding parked connections"
+    assert is_spare(view(SlotState.IDLE, 3)), "idle in its loop, holding idle connections"
     assert not is_spare(view(SlotState.BUSY, 0))
+    assert not is_spare(view(SlotState.BUSY, 3))
     assert not is_spare(view(SlotState.STOPPING, 0))
 
 

@@ -614,9 +614,10 @@ def test_parked_connections_move_to_a_worker_that_became_idle(serve) -> None:
             assert at_eof(slow), "the slow request ended: its worker idles"
             moved = False
             for _ in range(50):
-                for i in (0, 1):
-                    conn = (a, b)[i]
+                # Both at once: that worker then has a client waiting while it serves one.
+                for conn in (a, b):
                     conn.request("GET", "/pid")  # reconnects after a Connection: close
+                for i, conn in enumerate((a, b)):
                     r = conn.getresponse()
                     assert r.status == 200
                     last[i] = r.read()
@@ -627,6 +628,40 @@ def test_parked_connections_move_to_a_worker_that_became_idle(serve) -> None:
         finally:
             a.close()
             b.close()
+    server.assert_clean_log()
+
+
+def test_a_queued_client_is_served_although_the_idle_worker_is_stopped(serve) -> None:
+    """A worker gives its keep-alive client up for a queued one only if no other worker
+    idles, since the idle one would take it; but one that looks idle and does not take
+    it (here: SIGSTOP, its heartbeat still fresh with --timeout 60) is trusted only for a
+    moment."""
+    server = serve("--timeout", "60", "--no-access-log", "--keepalive-timeout", "60")
+    wait_for(lambda: all_workers_idle(server), what="both workers waiting for clients")
+    busy = server.client()
+    busy.request("GET", "/pid")
+    serving = int(busy.getresponse().read())
+    (stopped,) = [pid for pid in server.initial_workers if pid != serving]
+    os.kill(stopped, signal.SIGSTOP)
+    done = threading.Event()
+
+    def keep_busy() -> None:  # never idle long enough to be parked for idleness
+        while not done.is_set():
+            busy.request("GET", "/hello")
+            busy.getresponse().read()
+
+    talker = threading.Thread(target=keep_busy)
+    talker.start()
+    try:
+        started = time.monotonic()
+        status, _, body = server.get("/pid")
+        assert (status, int(body)) == (200, serving)
+        assert time.monotonic() - started < 5, "waited for the stopped worker"
+    finally:
+        done.set()
+        talker.join(30)
+        busy.close()
+        os.kill(stopped, signal.SIGCONT)
     server.assert_clean_log()
 
 

@@ -655,6 +655,26 @@ def test_a_parked_connection_idle_past_its_timeout_is_closed(app) -> None:
     assert "Traceback" not in proc.output()
 
 
+def test_a_parked_connection_whose_request_came_in_time_is_served_late_not_closed(
+    app,
+) -> None:
+    """Its request came before its timeout, while the worker was busy with another client
+    until after it: it is answered, not closed unread."""
+    proc = app("--handler", "park", "--workers", "1", "--park-timeout", "0.5")
+    port = proc.port()
+    with connect(port) as parked, connect(port) as slow:
+        park_turn(parked, "first")
+        slow.sendall(b"sleep 1.5\n")  # the worker is busy until past the timeout
+        slow_lines = slow.makefile("rb")
+        assert slow_lines.readline() == b"sleeping\n"
+        parked.sendall(b"in time\n")  # the scenario: sent well within the 0.5 s
+        answer = parked.makefile("rb").readline()
+        assert answer.endswith(b" in time\n"), answer
+        assert slow_lines.readline().endswith(b" sleep 1.5\n")
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
 def test_a_handler_that_raises_after_parking_gets_its_connection_closed(app) -> None:
     proc = app("--handler", "park", "--workers", "1")
     port = proc.port()

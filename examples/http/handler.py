@@ -107,6 +107,9 @@ _PARK_MOMENT = 0.01
 # A parked connection moves (is closed after its response) only to a worker idle for this
 # long (seconds): not to one that is just between two connections.
 _IDLE_FOR_A_MOVE = 0.005
+# A worker that looks idle is trusted to take a queued client for this long (seconds);
+# then a connection gives its worker up for the client anyway.
+_IDLE_TRUST = 0.05
 _READABLE = 1  # _wait_for_request: the socket is readable
 _RECEIVED = 2  # _wait_for_request: h11 got the next bytes (or the EOF) already
 
@@ -296,6 +299,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             "quiet_until": 0.0,  # _others_waiting: nobody waited when last asked
             "busy_until": 0.0,  # _idle_elsewhere: no other worker idled when last asked
             "busy_long_until": 0.0,  # the same, for an idle time of _IDLE_FOR_A_MOVE
+            "queued_since": 0.0,  # _must_yield: since when a client waits while one idles
         }
 
     def finish(self) -> None:
@@ -433,10 +437,12 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         # poll() and then a recv() would be two.
         settings = self._settings
         moment = min(settings.keepalive_yield, settings.keepalive_timeout)
-        if self._state["park"] is not None:
+        can_park = self._state["can_park"]
+        if can_park is not None and can_park():
             # Parking has no race to fear: the worker is not held for longer than needed
-            # to catch a client's next request sent at once.
-            moment = min(moment, _PARK_MOMENT)
+            # to catch a client's next request sent at once, and not at all while other
+            # connections of the worker wait their turn (keepalive_turn > 1).
+            moment = 0.0 if self._others_parked() else min(moment, _PARK_MOMENT)
         if moment >= 0.001:
             sock = self.request
             if not self._recv_timeout_set:
@@ -466,13 +472,12 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             return False
         # Idle for a moment: the connection waits parked in the worker's loop, which
         # serves other clients meanwhile, where it can; else here, until a client waits.
-        can_park = self._state["can_park"]
         if can_park is not None:
             if can_park():
                 remaining = deadline - time.monotonic()
                 if remaining > 0 and self._park(remaining):
                     return False
-            elif self._parked_elsewhere():
+            elif self._others_parked():
                 return False  # cannot park (at max_parked): others are served in turn
         return self._wait_unless_clients_wait(deadline, stop_when_asked=True)
 
@@ -486,7 +491,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             return True
         if self._why == "stopping":
             return False
-        if self._parked_elsewhere():
+        if self._others_parked():
             self._why = "other connections of this worker were waiting"
             return False
         return self._wait_unless_clients_wait(deadline, stop_when_asked)
@@ -747,11 +752,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                     # But a worker that idles gets the connection instead: it ends, and
                     # the client's next connection wakes that worker.
                     can_park = self._state["can_park"]
-                    if (
-                        can_park is not None
-                        and can_park()
-                        and not self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
-                    ):
+                    if can_park is not None and can_park() and not self._should_move(worker):
                         self._park_after = True
                     else:
                         keep = False
@@ -984,12 +985,30 @@ class HTTPHandler(socketserver.BaseRequestHandler):
     def _must_yield(self, worker: Any) -> bool:
         """Whether this connection should give its worker up after the response: other
         connections of this worker are parked (they are served in turn), or a client
-        waits to be accepted and no other worker is idle to take it."""
-        if self._parked_elsewhere():
+        waits to be accepted and no other worker is idle to take it (or, if one looks
+        idle, it has not taken the client within ``_IDLE_TRUST``: stopped, say)."""
+        if self._others_parked():
             return True
-        return self._others_waiting() and not self._idle_elsewhere(worker)
+        state = self._state
+        if not self._others_waiting():
+            state["queued_since"] = 0.0
+            return False
+        if not self._idle_elsewhere(worker):
+            return True
+        now = time.monotonic()
+        since: float = state["queued_since"] or now
+        state["queued_since"] = since
+        return now - since >= _IDLE_TRUST
 
-    def _parked_elsewhere(self) -> bool:
+    def _should_move(self, worker: Any) -> bool:
+        """Whether a connection giving its worker up should end rather than be parked, so
+        that its client's next connection goes to another worker: only when clients
+        wait for this worker (several descriptors were ready at its last wake-up) while
+        another worker has been idle for a while."""
+        contended = self.server.ready_at_wakeup > 1  # type: ignore[attr-defined]
+        return contended and self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
+
+    def _others_parked(self) -> bool:
         """Whether this worker holds parked connections (other than this one)."""
         return self._state["park"] is not None and bool(self.server.parked_connections)  # type: ignore[attr-defined]
 

@@ -20,7 +20,8 @@ Handlers (``--handler``):
   (``parked``: the connections the worker held parked; ``verified``: how often
   ``verify_request`` ran in this worker), then parks the connection for
   ``--park-timeout`` seconds, or says ``not parked`` and closes it. A line starting with
-  ``raise`` makes it raise after parking.
+  ``raise`` makes it raise after parking; ``sleep S`` says ``sleeping`` and sleeps S
+  seconds before answering.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Parking(socketserver.BaseRequestHandler):
                 return
             line += chunk
         server: PreforkTCPServer = self.server  # type: ignore[assignment]
+        if line.startswith(b"sleep"):
+            self.request.sendall(b"sleeping\n")
+            time.sleep(float(line.split()[1]))
         verified = getattr(server, "verified", 0)
         self.request.sendall(b"%d %d %d " % (os.getpid(), server.parked_connections, verified)
                              + line)  # fmt: skip
