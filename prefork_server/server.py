@@ -613,6 +613,17 @@ class PreforkMixIn(socketserver.BaseServer):
             poller.register(self.socket, select.POLLIN)
         return bool(poller.poll(0))
 
+    def loop_fileno(self) -> int:
+        """A descriptor that is readable while the worker's loop has something to do: a
+        parked connection with a request, a client in the accept queue (when the loop
+        watches the listener: poll ``socket`` too), a signal. -1 outside a worker's own
+        loop, or where the loop's selector has no descriptor. A handler that holds an
+        idle connection while others are parked may wait on it and on its client, and
+        park only when the loop has work: an active client among idle parked ones then
+        keeps its worker, as it would alone."""
+        poll = self.__dict__.get("_poll")
+        return -1 if poll is None or self._parked is None else poll.fileno()
+
     def wake_worker_loop(self) -> None:
         """Make the worker's main loop look at :meth:`ready_to_accept` again; safe from
         any thread of a worker."""
@@ -988,6 +999,17 @@ class _Poller:
         """A parked connection is taken out to be served."""
         if self._selector is not None:  # epoll's one-shot watch has ended by itself
             self.forget(fd)
+
+    def fileno(self) -> int:
+        """The epoll (or kqueue...) descriptor, readable when an event waits; -1 if the
+        selector has none."""
+        if self._epoll is not None:
+            return int(self._epoll.fileno())
+        try:
+            assert self._selector is not None
+            return int(self._selector.fileno())  # type: ignore[attr-defined]
+        except (AttributeError, OSError, ValueError):
+            return -1
 
     def wait(self, timeout: float) -> list[int]:
         if self._epoll is not None:

@@ -665,6 +665,54 @@ def test_a_queued_client_is_served_although_the_idle_worker_is_stopped(serve) ->
     server.assert_clean_log()
 
 
+def test_an_active_client_among_idle_parked_ones_keeps_its_worker_but_not_from_them(
+    serve,
+) -> None:
+    """One worker holds 10 idle parked connections. An active client keeps its worker
+    between its requests (it is not parked and resumed each time, which cost 10 us more
+    per request), yet a request on a parked connection is answered while the active
+    client keeps sending: the handler waits on its client and on the worker's loop."""
+    server = serve("--keepalive-timeout", "60", "--no-access-log", workers=1)
+    idle = [server.connect() for _ in range(10)]
+    try:
+        for s in idle:
+            assert exchange(s, get("/hello"))[0].status == 200
+        wait_for(lambda: read_scoreboard(server.proc.pid)[0].connections == 10,
+                 what="10 connections parked")  # fmt: skip
+        active = server.client()
+        active.request("GET", "/hello")
+        active.getresponse().read()
+        served_before = read_scoreboard(server.proc.pid)[0].served
+        for _ in range(100):
+            active.request("GET", "/hello")
+            assert active.getresponse().read() == b"hello"
+        # Each turn of a parked connection counts as a unit: 100 turns if it was parked.
+        assert read_scoreboard(server.proc.pid)[0].served - served_before < 10
+
+        done = threading.Event()
+
+        def keep_sending() -> None:
+            while not done.is_set():
+                active.request("GET", "/hello")
+                active.getresponse().read()
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        try:
+            started = time.monotonic()
+            (r,) = exchange(idle[3], get("/pid"))
+            assert r.status == 200
+            assert time.monotonic() - started < 5, "a parked client starved"
+        finally:
+            done.set()
+            sender.join(30)
+            active.close()
+    finally:
+        for s in idle:
+            s.close()
+    server.assert_clean_log()
+
+
 def test_a_worker_with_parked_connections_retires_cleanly_at_max_requests(serve) -> None:
     """Three keep-alive clients sending at once, one worker with ``--max-requests 5``: the
     worker serves what is there, closes its parked connections and retires as such (a

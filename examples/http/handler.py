@@ -93,6 +93,7 @@ _STATE_ATTR = "_examples_http_state"
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 _IDLE = -1  # a poller for the client and the listening socket
+_NEIGHBOURS = -2  # the same, and the worker loop's descriptor (see _wait_for_request)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Bytes a request may start with: a method is a token; blank lines before it are allowed.
 _REQUEST_START = frozenset(
@@ -279,14 +280,17 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         # server can: a worker then serves many keep-alive clients in turn.
         park = getattr(self.server, "park", None) if worker is not None else None
         can_park = getattr(self.server, "can_park", None)
-        if park is None or can_park is None:
+        loop_fileno = getattr(self.server, "loop_fileno", None)
+        if park is None or can_park is None or loop_fileno is None:
             park = can_park = None
+        loop_fd = loop_fileno() if park is not None else -1  # type: ignore[misc]
         return {
             "buffers": [],
             "listener": listener,
             "clients_waiting": clients_waiting,
             "park": park,
             "can_park": can_park,
+            "loop_fd": loop_fd,
             "handler": type(self),
             "log": log,
             "access": logging.getLogger(log.name + ".access"),
@@ -420,6 +424,10 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             if kind == _IDLE:
                 poller.register(self.request, _POLLIN)
                 poller.register(self._state["listener"], select.POLLIN)
+            elif kind == _NEIGHBOURS:
+                poller.register(self.request, _POLLIN)
+                poller.register(self._state["listener"], select.POLLIN)
+                poller.register(self._state["loop_fd"], select.POLLIN)
             else:
                 poller.register(self.request, kind)
         return poller
@@ -439,10 +447,22 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         moment = min(settings.keepalive_yield, settings.keepalive_timeout)
         can_park = self._state["can_park"]
         if can_park is not None and can_park():
-            # Parking has no race to fear: the worker is not held for longer than needed
-            # to catch a client's next request sent at once, and not at all while other
-            # connections of the worker wait their turn (keepalive_turn > 1).
-            moment = 0.0 if self._others_parked() else min(moment, _PARK_MOMENT)
+            if self._others_parked() and self._state["loop_fd"] >= 0:
+                # Wait for this client and for anything the loop has to do: the first
+                # to come decides. An active client among idle parked connections then
+                # keeps its worker (a poll and a recv per request, not the loop's
+                # epoll_ctl, epoll_wait and a new handler); any other work parks it.
+                ready = self._poller(_NEIGHBOURS).poll(
+                    _ms(min(_PARK_MOMENT, deadline - time.monotonic()))
+                )
+                client = self.request.fileno()
+                if ready and all(fd == client for fd, _ in ready):
+                    return _READABLE
+                moment = 0.0
+            else:
+                # Parking has no race to fear: the worker is not held for longer than
+                # needed to catch a client's next request sent at once.
+                moment = min(moment, _PARK_MOMENT)
         if moment >= 0.001:
             sock = self.request
             if not self._recv_timeout_set:
@@ -988,7 +1008,10 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         waits to be accepted and no other worker is idle to take it (or, if one looks
         idle, it has not taken the client within ``_IDLE_TRUST``: stopped, say)."""
         if self._others_parked():
-            return True
+            # Unless nothing else was ready when the loop last woke and the loop can be
+            # watched while waiting here: see _wait_for_request.
+            contended: bool = self.server.ready_at_wakeup > 1  # type: ignore[attr-defined]
+            return contended or self._state["loop_fd"] < 0
         state = self._state
         if not self._others_waiting():
             state["queued_since"] = 0.0
