@@ -105,7 +105,10 @@ class PreforkMixIn(socketserver.BaseServer):
 
     Methods for the caller: ``serve_forever()``, ``start()``, ``shutdown()``,
     ``server_close()``, the context manager; ``worker`` (in a worker process: its
-    :class:`~prefork_server.worker.Worker`, else None).
+    :class:`~prefork_server.worker.Worker`, else None). For handlers, in a worker:
+    ``clients_waiting()``; ``park()``, ``can_park()``, ``parked_connections``,
+    ``ready_at_wakeup`` and ``loop_fileno()`` (idle keep-alive connections kept open in
+    the worker's loop, see :meth:`park`).
 
     Methods that may be overridden, with their ``socketserver`` meaning: ``server_bind``,
     ``server_activate``, ``get_request``, ``verify_request``, ``process_request``,
