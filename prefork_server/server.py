@@ -416,8 +416,10 @@ class PreforkMixIn(socketserver.BaseServer):
                             worker.drain_wakeup(fd)
                     # After the events: a connection whose request came meanwhile was
                     # served above rather than closed unread.
-                    if parked and time.monotonic() >= self._parked_expiry:
-                        self._expire_parked(time.monotonic())
+                    if parked:
+                        now = time.monotonic()
+                        if now >= self._parked_expiry:
+                            self._expire_parked(now)
                     self.service_actions()
                 # Leaving: the requests that came already are answered (the worker says
                 # Connection: close now), as a request in progress would be.
@@ -567,11 +569,8 @@ class PreforkMixIn(socketserver.BaseServer):
                 check.register(fd, select.POLLIN)
             readable = {fd for fd, _ in check.poll(0)}
             for fd in expired:
-                if fd in readable:
-                    continue
-                request = parked.pop(fd)[0]
-                self._poll.forget(fd)
-                self._close_parked(request)
+                if fd not in readable:
+                    self._close_parked(self._unwatch(fd))
         # The spared ones are watched as before; their deadline is looked at again once
         # the loop has served them, or a moment later.
         self._parked_expiry = min(
@@ -682,15 +681,18 @@ class PreforkMixIn(socketserver.BaseServer):
             return True
 
     def _run_connection(self, worker: Worker, request: Any, client_address: Any) -> None:
+        # With connections parked, this one counts too (two slot writes a connection
+        # that a worker which never parks does not pay; its state says busy anyway).
         parked = self._parked
-        if parked is not None:  # the connection counts, as the parked ones do
-            worker.set_connections(len(parked) + 1)
+        counted = bool(parked)
+        if counted:
+            worker.set_connections(len(parked) + 1)  # type: ignore[arg-type]
         worker.busy()
         try:
             self._handle_one(request, client_address)
         finally:
-            if parked is not None:
-                worker.set_connections(len(parked))
+            if counted:
+                worker.set_connections(len(parked))  # type: ignore[arg-type]
             worker.idle()
 
     def _handle_one(self, request: Any, client_address: Any) -> bool:
@@ -721,10 +723,16 @@ class PreforkMixIn(socketserver.BaseServer):
         parked = self._parked
         fd = request.fileno()
         if parked is not None and parked.get(fd, (None,))[0] is request:
-            del parked[fd]
-            self._poll.forget(fd)
+            self._unwatch(fd)
             if self.worker is not None:
                 self.worker.set_connections(len(parked))
+
+    def _unwatch(self, fd: int) -> Any:
+        """Take a parked connection out of the loop's watch, to be closed; return it."""
+        assert self._parked is not None
+        request = self._parked.pop(fd)[0]
+        self._poll.forget(fd)
+        return request
 
 
 class PreforkThreadingMixIn(socketserver.ThreadingMixIn):

@@ -525,6 +525,25 @@ def test_an_idle_keep_alive_client_gives_way_to_a_waiting_one(serve, threads: bo
     server.assert_clean_log()
 
 
+@contextlib.contextmanager
+def keeps_sending(conn: http.client.HTTPConnection) -> Iterator[None]:
+    """While in the block, a thread sends ``GET /hello`` on ``conn`` back to back."""
+    done = threading.Event()
+
+    def send() -> None:
+        while not done.is_set():
+            conn.request("GET", "/hello")
+            conn.getresponse().read()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sender.join(30)
+
+
 def all_workers_idle(server: Server) -> bool:
     views = read_scoreboard(server.proc.pid)
     return len(views) == len(server.initial_workers) and all(
@@ -643,23 +662,13 @@ def test_a_queued_client_is_served_although_the_idle_worker_is_stopped(serve) ->
     serving = int(busy.getresponse().read())
     (stopped,) = [pid for pid in server.initial_workers if pid != serving]
     os.kill(stopped, signal.SIGSTOP)
-    done = threading.Event()
-
-    def keep_busy() -> None:  # never idle long enough to be parked for idleness
-        while not done.is_set():
-            busy.request("GET", "/hello")
-            busy.getresponse().read()
-
-    talker = threading.Thread(target=keep_busy)
-    talker.start()
     try:
-        started = time.monotonic()
-        status, _, body = server.get("/pid")
-        assert (status, int(body)) == (200, serving)
-        assert time.monotonic() - started < 5, "waited for the stopped worker"
+        with keeps_sending(busy):  # never idle long enough to be parked for idleness
+            started = time.monotonic()
+            status, _, body = server.get("/pid")
+            assert (status, int(body)) == (200, serving)
+            assert time.monotonic() - started < 5, "waited for the stopped worker"
     finally:
-        done.set()
-        talker.join(30)
         busy.close()
         os.kill(stopped, signal.SIGCONT)
     server.assert_clean_log()
@@ -689,23 +698,13 @@ def test_an_active_client_among_idle_parked_ones_keeps_its_worker_but_not_from_t
         # Each turn of a parked connection counts as a unit: 100 turns if it was parked.
         assert read_scoreboard(server.proc.pid)[0].served - served_before < 10
 
-        done = threading.Event()
-
-        def keep_sending() -> None:
-            while not done.is_set():
-                active.request("GET", "/hello")
-                active.getresponse().read()
-
-        sender = threading.Thread(target=keep_sending)
-        sender.start()
         try:
-            started = time.monotonic()
-            (r,) = exchange(idle[3], get("/pid"))
-            assert r.status == 200
-            assert time.monotonic() - started < 5, "a parked client starved"
+            with keeps_sending(active):
+                started = time.monotonic()
+                (r,) = exchange(idle[3], get("/pid"))
+                assert r.status == 200
+                assert time.monotonic() - started < 5, "a parked client starved"
         finally:
-            done.set()
-            sender.join(30)
             active.close()
     finally:
         for s in idle:

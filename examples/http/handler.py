@@ -278,18 +278,16 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             clients_waiting = listener = None
         # Parking idle connections in the worker's loop (PreforkMixIn.park), where the
         # server can: a worker then serves many keep-alive clients in turn.
-        park = getattr(self.server, "park", None) if worker is not None else None
-        can_park = getattr(self.server, "can_park", None)
+        can_park = getattr(self.server, "can_park", None) if worker is not None else None
         loop_fileno = getattr(self.server, "loop_fileno", None)
-        if park is None or can_park is None or loop_fileno is None:
-            park = can_park = None
-        loop_fd = loop_fileno() if park is not None else -1  # type: ignore[misc]
+        if loop_fileno is None:
+            can_park = None
+        loop_fd = loop_fileno() if can_park is not None else -1  # type: ignore[misc]
         return {
             "buffers": [],
             "listener": listener,
             "clients_waiting": clients_waiting,
-            "park": park,
-            "can_park": can_park,
+            "can_park": can_park,  # None: this server cannot park at all
             "loop_fd": loop_fd,
             "handler": type(self),
             "log": log,
@@ -325,8 +323,9 @@ class HTTPHandler(socketserver.BaseRequestHandler):
     def _park(self, timeout: float) -> bool:
         """Hand the idle connection to the worker's loop (see ``PreforkMixIn.park``);
         True if it took it: the connection is then no longer this handler's."""
-        park = self._state["park"]
-        return park is not None and bool(park(self.request, self.client_address, timeout))
+        if self._state["can_park"] is None:
+            return False
+        return bool(self.server.park(self.request, self.client_address, timeout))  # type: ignore[attr-defined]
 
     # -- reading ------------------------------------------------------------------------
 
@@ -768,9 +767,9 @@ class HTTPHandler(socketserver.BaseRequestHandler):
                     keep = False  # a graceful stop
                 elif self._served >= self._settings.keepalive_turn and self._must_yield(worker):
                     # This connection had its turn and others need the worker: it waits
-                    # parked in the worker's loop, or, where it cannot, it ends.
-                    # But a worker that idles gets the connection instead: it ends, and
-                    # the client's next connection wakes that worker.
+                    # parked in the worker's loop, or, where it cannot, it ends. It ends
+                    # too when clients wait for this worker while another one idles:
+                    # the client's next connection wakes that one (_should_move).
                     can_park = self._state["can_park"]
                     if can_park is not None and can_park() and not self._should_move(worker):
                         self._park_after = True
@@ -1033,7 +1032,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
 
     def _others_parked(self) -> bool:
         """Whether this worker holds parked connections (other than this one)."""
-        return self._state["park"] is not None and bool(self.server.parked_connections)  # type: ignore[attr-defined]
+        return self._state["can_park"] is not None and bool(self.server.parked_connections)  # type: ignore[attr-defined]
 
     def _idle_elsewhere(self, worker: Any, for_at_least: float = 0.0) -> bool:
         """Whether another worker idles (``Worker.idle_elsewhere``); a "no" is trusted for
