@@ -661,6 +661,11 @@ class PreforkMixIn(socketserver.BaseServer):
                 return
             if not self._keep_serving(worker):
                 return
+            # Asked before accepting again: an accept() that finds the queue empty costs
+            # an exception, about 4 us, against 0.3 us for the poll (a connection each
+            # wake-up is the common case under light load).
+            if not self._poll.listener_ready():
+                return
 
     def _accept_next(self, worker: Worker) -> bool:
         """Accept one connection and run it; False if there was none to take."""
@@ -957,6 +962,16 @@ class _Poller:
             for fd in others:
                 self._selector.register(fd, selectors.EVENT_READ)
         self.watch_listener(True)
+        # A probe of the listener alone, never waited on (so it joins no wait queue and
+        # wakes no worker); where poll() is missing, accept() itself finds out.
+        self._probe: Any = None
+        if hasattr(select, "poll"):
+            self._probe = select.poll()
+            self._probe.register(listener, select.POLLIN)
+
+    def listener_ready(self) -> bool:
+        """Whether a connection waits in the listener's queue now (True if unknown)."""
+        return self._probe is None or bool(self._probe.poll(0))
 
     def watch_listener(self, on: bool) -> None:
         if on == self._watching:
