@@ -529,9 +529,19 @@ class PreforkMixIn(socketserver.BaseServer):
 
     def shutdown_request(self, request: Any) -> None:
         """As ``socketserver``'s (shut the connection down and close it), except for the
-        connection just parked (see :meth:`park`), which stays open."""
+        connection just parked (see :meth:`park`), which stays open, and for one the
+        handler has closed itself, which only goes through ``close_request()``.
+
+        A handler may close ``self.request`` itself when nothing else holds the
+        descriptor (no ``makefile()`` object left open, no forked process): ``close()``
+        then ends the connection, and the ``shutdown()`` call, which would fail, is
+        saved."""
         if request is self._just_parked:
             self._just_parked = None
+            return
+        fileno = getattr(request, "fileno", None)
+        if fileno is not None and fileno() < 0:
+            self.close_request(request)
             return
         super().shutdown_request(request)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import h11
 import pytest
-from conftest import REPO, Proc, is_alive, run_clients, wait_for, wait_workers
+from conftest import REPO, Proc, children, is_alive, run_clients, wait_for, wait_workers
 
 from examples.http import HTTPSettings, make_handler
 from examples.http.response import (
@@ -364,6 +364,31 @@ def test_connection_close_is_honoured(serve) -> None:
         (r,) = exchange(s, get("/hello", "Connection: close"))
         assert (r.body, r.headers["connection"]) == (b"hello", "close")
         assert at_eof(s)
+
+
+def test_a_connection_ends_at_its_response_although_the_app_forked_a_child_holding_it(
+    serve,
+) -> None:
+    # HTTP/1.0 without a length: the client reads to the end of the connection, which
+    # close() alone would not give while the child holds a copy of the descriptor.
+    server = serve(workers=1)
+    (worker,) = server.initial_workers
+    try:
+        with server.connect() as s:
+            (r,) = exchange(s, get("/fork", version="1.0"))
+            assert r.status == 200 and "content-length" not in r.headers
+            assert at_eof(s)
+        child = int(r.body)
+        for _ in range(3):  # later connections too, each closed by the server
+            with server.connect() as s:
+                (r,) = exchange(s, get("/gen?n=2&size=3", version="1.0"))
+                assert r.body == b"aaabbb" and at_eof(s)
+        assert children(worker) == [child]  # it held the connections all along
+        assert server.get(f"/reap?pid={child}")[2] == b"reaped"
+    finally:
+        for pid in children(worker):  # if the test failed before the worker reaped it
+            os.kill(pid, signal.SIGKILL)
+    server.assert_clean_log()
 
 
 # -- malformed input, limits, slow and idle clients -----------------------------------------

@@ -412,6 +412,34 @@ def test_the_context_manager_closes_the_socket() -> None:
         connect(port)
 
 
+def test_a_connection_the_handler_closed_goes_through_close_request_without_shutdown() -> None:
+    calls: list[str] = []
+
+    class Recording(socket.socket):
+        def shutdown(self, how: int) -> None:
+            calls.append("shutdown")
+            super().shutdown(how)
+
+    class Server(PreforkTCPServer):
+        def close_request(self, request: socket.socket) -> None:
+            calls.append("close_request")
+            super().close_request(request)
+
+    with Server(("127.0.0.1", 0), socketserver.BaseRequestHandler, workers=1) as server:
+        for closed_by_handler in (True, False):
+            a, b = socket.socketpair()
+            request = Recording(fileno=a.detach())
+            if closed_by_handler:
+                request.close()
+            calls.clear()
+            server.shutdown_request(request)
+            expected = ["close_request"] if closed_by_handler else ["shutdown", "close_request"]
+            assert calls == expected
+            assert request.fileno() == -1
+            assert b.recv(1) == b""  # the peer sees the end of the connection either way
+            b.close()
+
+
 # -- 8. a graceful stop with a request in flight ------------------------------------------
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -181,6 +182,25 @@ def pid(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     return _text(start_response, str(os.getpid()).encode())
 
 
+def fork(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Forks a child that holds every descriptor of the worker (its connections too) for
+    a minute, as an application's multiprocessing child would; the body is its pid."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(child).encode()]
+
+
+def reap(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Ends and reaps the child ``/fork`` started (``?pid=N``)."""
+    child = int(parse_qs(environ["QUERY_STRING"])["pid"][0])
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    return _text(start_response, b"reaped")
+
+
 VALIDATED = {
     "/hello": hello,
     "/env": env,
@@ -190,6 +210,8 @@ VALIDATED = {
     "/drip": drip,
     "/ignore-body": ignore_body,
     "/pid": pid,
+    "/fork": fork,
+    "/reap": reap,
     "/no-content": no_content,
 }
 PLAIN = {
