@@ -43,6 +43,8 @@ class SlotState(enum.IntEnum):
 # served, beat, busy_since, spawned_at, connections
 _LAYOUT = struct.Struct("<iIBBHxxxxQdddI")
 _BEAT = struct.Struct("<d")
+_BEAT_BUSY_SINCE = struct.Struct("<dd")  # adjacent fields: one write per connection
+_SERVED_BEAT = struct.Struct("<Qd")
 _STATE = struct.Struct("<B")
 _SERVED = struct.Struct("<Q")
 _CONNECTIONS = struct.Struct("<I")
@@ -63,6 +65,7 @@ SLOTS_PER_SEGMENT = mmap.PAGESIZE // SLOT_SIZE
 SEGMENT_SIZE = SLOTS_PER_SEGMENT * SLOT_SIZE
 MEMFD_NAME = "prefork_server-scoreboard"
 assert _LAYOUT.size <= SLOT_SIZE
+assert _SERVED_OFFSET + 8 == _BEAT_OFFSET and _BEAT_OFFSET + 8 == _BUSY_SINCE_OFFSET
 
 
 @dataclass(frozen=True)
@@ -117,14 +120,17 @@ class Slot:
 
     def busy(self, now: float) -> None:
         mem, offset = self._mem, self._offset
-        _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
-        _BEAT.pack_into(mem, offset + _BUSY_SINCE_OFFSET, now)
+        _BEAT_BUSY_SINCE.pack_into(mem, offset + _BEAT_OFFSET, now, now)
         if mem[offset + _STATE_OFFSET] != _STOPPING:  # a stopping worker may finish work
             mem[offset + _STATE_OFFSET] = _BUSY
 
-    def idle(self, now: float) -> None:
+    def idle(self, now: float, served: int = -1) -> None:
+        """Idle since ``now``; with ``served``, the served count is recorded too."""
         mem, offset = self._mem, self._offset
-        _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
+        if served < 0:
+            _BEAT.pack_into(mem, offset + _BEAT_OFFSET, now)
+        else:
+            _SERVED_BEAT.pack_into(mem, offset + _SERVED_OFFSET, served, now)
         if mem[offset + _STATE_OFFSET] != _STOPPING:
             mem[offset + _STATE_OFFSET] = _IDLE
 

@@ -198,8 +198,9 @@ class Worker:
         ``TITLE_IDLE_DELAY`` seconds, at a later :meth:`heartbeat`; a loop that blocks
         should wake by :attr:`title_due` for it."""
         now = time.monotonic()
-        self._slot.idle(now)
-        self._count_unit()
+        self.served += 1
+        self._slot.idle(now, self.served)
+        self._check_max_requests()
         if self._set_title is not None:
             if self._alive:
                 self._title_due = now + TITLE_IDLE_DELAY
@@ -286,6 +287,9 @@ class Worker:
     def _count_unit(self) -> None:
         self.served += 1
         self._slot.set_served(self.served)
+        self._check_max_requests()
+
+    def _check_max_requests(self) -> None:
         if self.max_requests and self.served >= self.max_requests and self._alive:
             self.logger.info("worker[%d] served %d units of work (max_requests); retiring",
                              self.number, self.served)  # fmt: skip
