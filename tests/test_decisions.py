@@ -347,3 +347,25 @@ def test_adaptive_pool_decisions() -> None:
     assert adaptive_target(total=8, spare=6, policy=policy) == 7  # one at a time
     assert adaptive_target(total=3, spare=3, policy=policy) == 3
     assert adaptive_target(total=3, spare=6, policy=policy) == 3  # never below min_workers
+
+
+@pytest.mark.parametrize(
+    "hook", ["verify_request", "process_request", "finish_request", "shutdown_request",
+             "close_request"],
+)  # fmt: skip
+def test_the_worker_calls_each_connection_hook_a_subclass_overrides(hook: str) -> None:
+    # Without overrides the worker does what the hooks do without calling them; with any
+    # one overridden, it goes through all of them, as socketserver does.
+    from prefork_server.server import (
+        PreforkTCPServer,
+        PreforkThreadingTCPServer,
+        PreforkUnixStreamServer,
+        _plain_hooks,
+    )
+
+    assert _plain_hooks(PreforkTCPServer) and _plain_hooks(PreforkUnixStreamServer)
+    assert not _plain_hooks(PreforkThreadingTCPServer)  # its own process_request
+    base = getattr(PreforkTCPServer, hook)
+    overriding = type("Overriding", (PreforkTCPServer,), {hook: lambda self, *a: base(self, *a)})
+    assert not _plain_hooks(overriding)
+    assert _plain_hooks(type("Plain", (PreforkTCPServer,), {"app_name": "x"}))
