@@ -9,8 +9,8 @@ The constructor binds and listens in the calling process, exactly as
 ``socketserver.TCPServer`` does. ``serve_forever()`` then becomes the master: it forks the
 workers, which inherit the listening socket, and supervises them until ``shutdown()`` or a
 signal stops it. Each worker waits in ``select()`` on the listening socket plus its wakeup
-descriptors, accepts without blocking until EAGAIN, and runs the handler per connection,
-stamping its heartbeat before and after each one.
+descriptors, accepts without blocking while connections are queued, and runs the handler
+per connection, stamping its heartbeat before and after each one.
 
 Any ``socketserver.BaseRequestHandler`` subclass works unchanged, and so do the mix-ins
 that override ``process_request`` (``ThreadingMixIn`` runs handler threads inside each
@@ -115,11 +115,12 @@ class PreforkMixIn(socketserver.BaseServer):
     ``finish_request``, ``shutdown_request``, ``close_request``, ``handle_error``,
     ``service_actions`` (called in each worker after every wake-up), ``server_close``
     (by the caller, and in each worker as it leaves: ``ThreadingMixIn`` joins its threads).
-    Where a class overrides none of ``verify_request``, ``process_request``,
-    ``finish_request``, ``shutdown_request`` and ``close_request``, a worker does what
-    they do without calling them (about 1 us per connection); one override of any of
-    them, found when the worker starts, and all five are called as ``socketserver``
-    calls them.
+    Where neither the server's classes (any class in its MRO, mix-ins after
+    ``PreforkMixIn`` included) nor the instance override ``verify_request``,
+    ``process_request``, ``finish_request``, ``shutdown_request`` or ``close_request``, a
+    worker does what they do without calling them (about 1 us per connection); with one
+    override of any of them, as found when the worker starts, all five are called as
+    ``socketserver`` calls them. For handlers, :attr:`handler_may_close`.
 
     Hooks, methods that may be overridden (each default calls the callable of the same
     name in ``hooks``, a :class:`~prefork_server.hooks.Hooks`, if set there), and where
@@ -364,14 +365,16 @@ class PreforkMixIn(socketserver.BaseServer):
         """The worker's main loop; return to end the worker.
 
         Waits on the listening socket, the worker's wake-up descriptors and its parked
-        connections (see :meth:`park`); accepts without blocking until EAGAIN, and runs
-        each connection through ``process_request``. It may be overridden to run another
-        I/O model on ``self.socket`` (an asyncio server, say); the override must call
-        ``worker.heartbeat()`` at least every ``worker.poll_interval`` seconds and return
-        once it is False (:meth:`park` then declines).
+        connections (see :meth:`park`); accepts without blocking while connections are
+        queued, and runs each connection through ``process_request``. It may be
+        overridden to run another I/O model on ``self.socket`` (an asyncio server, say);
+        the override must call ``worker.heartbeat()`` at least every
+        ``worker.poll_interval`` seconds and return once it is False (:meth:`park` then
+        declines).
         """
         listener = self.socket.fileno()
-        self._plain_hooks = _plain_hooks(type(self))
+        self._plain_hooks = _plain_hooks(self, _CONNECTION_HOOKS)
+        self._handler_may_close = _plain_hooks(self, ("shutdown_request", "close_request"))
         self._accept_paused_until = 0.0
         parked = self._parked = {}
         self._loop_thread = threading.get_ident()
@@ -452,6 +455,7 @@ class PreforkMixIn(socketserver.BaseServer):
     _parked: dict[int, tuple[Any, Any, float, int]] | None = None
     _just_parked: Any = None
     _plain_hooks = False  # set per worker: see _plain_hooks()
+    _handler_may_close = False
     _ready_count = 1  # descriptors ready at the loop's last wake-up
 
     def park(self, request: Any, client_address: Any, timeout: float) -> bool:
@@ -534,15 +538,21 @@ class PreforkMixIn(socketserver.BaseServer):
         """How many connections this worker holds parked now (0 outside a worker)."""
         return len(self._parked or ())
 
+    @property
+    def handler_may_close(self) -> bool:
+        """Whether a handler may close ``self.request`` itself (in a worker whose server
+        overrides neither ``shutdown_request`` nor ``close_request``, which would be
+        handed a closed socket). Worth it only when nothing else holds the descriptor
+        (no ``makefile()`` object left open, no process forked since it was accepted):
+        ``close()`` then ends the connection, and :meth:`shutdown_request` saves its
+        ``shutdown()`` call. False outside a worker."""
+        return self._handler_may_close
+
     def shutdown_request(self, request: Any) -> None:
         """As ``socketserver``'s (shut the connection down and close it), except for the
         connection just parked (see :meth:`park`), which stays open, and for one the
-        handler has closed itself, which only goes through ``close_request()``.
-
-        A handler may close ``self.request`` itself when nothing else holds the
-        descriptor (no ``makefile()`` object left open, no forked process): ``close()``
-        then ends the connection, and the ``shutdown()`` call, which would fail, is
-        saved."""
+        handler has closed itself (see :attr:`handler_may_close`), which only goes
+        through ``close_request()``."""
         if request is self._just_parked:
             self._just_parked = None
             return
@@ -721,7 +731,7 @@ class PreforkMixIn(socketserver.BaseServer):
         # As socketserver.BaseServer._handle_request_noblock, minus the accept. False if
         # verify_request() refused the connection: process_request() never saw it.
         if not self._plain_hooks and not self.verify_request(request, client_address):
-            self.shutdown_request(request)
+            self._end_request(request, client_address)
             return False
         self._process(request, client_address)
         return True
@@ -734,22 +744,35 @@ class PreforkMixIn(socketserver.BaseServer):
                 self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
                 if request is self._just_parked:
                     self._just_parked = None
-                elif request.fileno() >= 0:
-                    try:
-                        request.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                    request.close()
+                else:
+                    fileno = getattr(request, "fileno", None)
+                    if fileno is None or fileno() >= 0:  # not closed by the handler
+                        try:
+                            request.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                        request.close()
             else:
                 self.process_request(request, client_address)
         except Exception:  # noqa: BLE001 - one bad request must not end the worker
             self.handle_error(request, client_address)
             self._unpark(request)  # parked, then failed: in no state to be served again
-            self.shutdown_request(request)
+            self._end_request(request, client_address)
         except BaseException:
             self._unpark(request)
-            self.shutdown_request(request)
+            self._end_request(request, client_address)
             raise
+
+    def _end_request(self, request: Any, client_address: Any) -> None:
+        # shutdown_request() where the connection is being dropped: an override that
+        # fails there (on a socket in an unexpected state, say) is logged, and the
+        # connection closed anyway, rather than ending the worker.
+        try:
+            self.shutdown_request(request)
+        except Exception:  # noqa: BLE001
+            self.handle_error(request, client_address)
+            with contextlib.suppress(Exception):
+                request.close()
 
     def _unpark(self, request: Any) -> None:
         if request is not self._just_parked:
@@ -1083,15 +1106,24 @@ class _Poller:
             self._selector.close()
 
 
-def _plain_hooks(cls: type) -> bool:
-    """Whether ``cls`` overrides none of the per-connection hooks (so that the worker may
-    do what they do without calling them)."""
-    return (
-        cls.verify_request is socketserver.BaseServer.verify_request  # type: ignore[attr-defined]
-        and cls.process_request is socketserver.BaseServer.process_request  # type: ignore[attr-defined]
-        and cls.finish_request is socketserver.BaseServer.finish_request  # type: ignore[attr-defined]
-        and cls.shutdown_request is PreforkMixIn.shutdown_request  # type: ignore[attr-defined]
-        and cls.close_request is socketserver.TCPServer.close_request  # type: ignore[attr-defined]
+_CONNECTION_HOOKS = (
+    "verify_request", "process_request", "finish_request", "shutdown_request", "close_request"
+)  # fmt: skip
+# The classes whose definitions of those hooks the worker knows (and may do without).
+_KNOWN_HOOKS = (PreforkMixIn, socketserver.BaseServer, socketserver.TCPServer)
+
+
+def _plain_hooks(server: object, names: tuple[str, ...]) -> bool:
+    """Whether ``server`` overrides none of the hooks ``names``: no class in its MRO but
+    the known ones defines one (even a class after PreforkMixIn, which its
+    ``shutdown_request`` reaches through ``super()``), and no instance attribute
+    replaces one."""
+    if any(name in vars(server) for name in names):
+        return False
+    return all(
+        klass in _KNOWN_HOOKS
+        for klass in type(server).__mro__
+        if any(name in vars(klass) for name in names)
     )
 
 

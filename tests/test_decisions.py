@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 
 import pytest
 from conftest import wait_for
@@ -353,19 +354,33 @@ def test_adaptive_pool_decisions() -> None:
     "hook", ["verify_request", "process_request", "finish_request", "shutdown_request",
              "close_request"],
 )  # fmt: skip
-def test_the_worker_calls_each_connection_hook_a_subclass_overrides(hook: str) -> None:
+def test_which_servers_a_worker_may_skip_the_connection_hooks_of(hook: str) -> None:
     # Without overrides the worker does what the hooks do without calling them; with any
-    # one overridden, it goes through all of them, as socketserver does.
+    # one overridden (in a subclass, in a base after PreforkMixIn, on the instance), it
+    # goes through all of them, as socketserver does.
     from prefork_server.server import (
+        _CONNECTION_HOOKS,
+        PreforkMixIn,
         PreforkTCPServer,
         PreforkThreadingTCPServer,
         PreforkUnixStreamServer,
         _plain_hooks,
     )
 
-    assert _plain_hooks(PreforkTCPServer) and _plain_hooks(PreforkUnixStreamServer)
-    assert not _plain_hooks(PreforkThreadingTCPServer)  # its own process_request
-    base = getattr(PreforkTCPServer, hook)
-    overriding = type("Overriding", (PreforkTCPServer,), {hook: lambda self, *a: base(self, *a)})
-    assert not _plain_hooks(overriding)
-    assert _plain_hooks(type("Plain", (PreforkTCPServer,), {"app_name": "x"}))
+    def plain(cls: type, names: tuple[str, ...] = _CONNECTION_HOOKS, **attrs: object) -> bool:
+        server = cls.__new__(cls)  # no socket: the decision reads classes and attributes
+        vars(server).update(attrs)
+        return _plain_hooks(server, names)
+
+    assert plain(PreforkTCPServer) and plain(PreforkUnixStreamServer)
+    assert not plain(PreforkThreadingTCPServer)  # its own process_request
+    base = getattr(socketserver.TCPServer, hook)
+    override = {hook: lambda self, *a: base(self, *a)}
+    assert not plain(type("Sub", (PreforkTCPServer,), override))
+    user_base = type("UserBase", (socketserver.TCPServer,), override)
+    assert not plain(type("MixedIn", (PreforkMixIn, user_base), {}))
+    assert not plain(PreforkTCPServer, **{hook: lambda *a: True})
+    assert plain(type("Plain", (PreforkTCPServer,), {"app_name": "x"}))
+    # What a handler may close itself depends on the two hooks that get the socket last.
+    closes = ("shutdown_request", "close_request")
+    assert plain(type("Sub", (PreforkTCPServer,), override), closes) == (hook not in closes)

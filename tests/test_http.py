@@ -383,7 +383,7 @@ def test_a_connection_ends_at_its_response_although_the_app_forked_a_child_holdi
             with server.connect() as s:
                 (r,) = exchange(s, get("/gen?n=2&size=3", version="1.0"))
                 assert r.body == b"aaabbb" and at_eof(s)
-        assert children(worker) == [child]  # it held the connections all along
+        assert children(worker) == [child]  # still there: it held the first connection
         assert server.get(f"/reap?pid={child}")[2] == b"reaped"
     finally:
         for pid in children(worker):  # if the test failed before the worker reaped it

@@ -440,6 +440,38 @@ def test_a_connection_the_handler_closed_goes_through_close_request_without_shut
             b.close()
 
 
+def test_a_shutdown_request_of_a_class_after_the_mixin_is_still_called(app) -> None:
+    # PreforkMixIn first, then the user's own TCPServer subclass whose shutdown_request()
+    # PreforkMixIn's reaches through super(): the worker must not do without it.
+    proc = app("--server", "bye", "--workers", "1")
+    with connect(proc.port()) as s:
+        s.sendall(b"pid\n")
+        f = s.makefile("rb")
+        assert f.readline().strip().isdigit()
+        assert f.readline() == b"bye\n"
+        assert closed_by_server(s)
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+
+
+def test_examples_http_leaves_the_socket_to_a_close_request_that_uses_it(app) -> None:
+    # The HTTP handler closes its connection itself only where the server lets it: a
+    # close_request() override that touches the socket still gets an open one.
+    proc = app("--server", "linger", "--handler", "wsgi", "--workers", "1")
+    port = proc.port()
+    workers = wait_workers(proc.pid, 1)
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/", headers={"Connection": "close"})
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, b"hello from %d" % workers[0])
+        conn.close()
+    assert proc.workers() == workers, proc.output()  # no worker crashed
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output() and "crashed" not in proc.output()
+
+
 # -- 8. a graceful stop with a request in flight ------------------------------------------
 
 

@@ -53,7 +53,6 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import h11
@@ -193,6 +192,17 @@ class HTTPSettings:
             raise ValueError(f"server_software must be printable ASCII, not {software!r}")
 
 
+_forks = 0  # processes this one has forked (os.fork: C code that forks directly is unseen)
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(before=_count_fork)
+
+
 class _PeerGone(Exception):
     """Our socket failed (reset, broken pipe, write timeout): nobody left to answer."""
 
@@ -286,13 +296,19 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         if loop_fileno is None:
             can_park = None
         loop_fd = loop_fileno() if can_park is not None else -1  # type: ignore[misc]
-        close_here = worker is not None and hasattr(self.server, "park")
+        threads = isinstance(self.server, socketserver.ThreadingMixIn)
         state: dict[str, Any] = {
             "buffers": [],
             "listener": listener,
             "clients_waiting": clients_waiting,
             "can_park": can_park,  # None: this server cannot park at all
-            "close_here": close_here,  # see finish()
+            # See finish(): a prefork server whose hooks allow it, one thread (another
+            # thread could fork between the check and the close), and the process's fork
+            # count when it started serving.
+            "close_here": worker is not None
+            and not threads
+            and bool(getattr(self.server, "handler_may_close", False)),
+            "forks": _forks,
             "loop_fd": loop_fd,
             "handler": type(self),
             "log": log,
@@ -300,7 +316,7 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             "environ": base_environ(
                 self.server.server_address,
                 self.settings.server_software,
-                multithread=isinstance(self.server, socketserver.ThreadingMixIn),
+                multithread=threads,
             ),
             "keys": new_key_cache(),
             "quiet_until": 0.0,  # _others_waiting: nobody waited when last asked
@@ -308,19 +324,17 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             "busy_long_until": 0.0,  # the same, for an idle time of _IDLE_FOR_A_MOVE
             "queued_since": 0.0,  # _must_yield: since when a client waits while one idles
         }
-        if close_here:
-            # A process forked from now on (an application using multiprocessing, say)
-            # holds copies of the open connections: from then on only shutdown() ends one.
-            os.register_at_fork(before=partial(state.__setitem__, "close_here", False))
         return state
 
     def finish(self) -> None:
         self._state["buffers"].append(self._buf)  # back to the pool for the next one
-        if self._state["close_here"] and not self._parked:
-            # Nothing else holds the descriptor (no makefile(), and no process forked
-            # since this one started serving), so close() alone sends the FIN, and the
-            # server's shutdown_request() saves its shutdown() (1 to 3 us per connection).
-            # Elsewhere (plain socketserver, or after a fork) the server closes it.
+        state = self._state
+        if state["close_here"] and state["forks"] == _forks and not self._parked:
+            # Nothing else holds the descriptor (no makefile(), and no process forked by
+            # this one since it started serving: a child, of multiprocessing say, would
+            # hold copies of the connections), so close() alone sends the FIN, and the
+            # server's shutdown_request() saves its shutdown() (1 to 3 us a connection).
+            # Elsewhere the server's shutdown() ends the connection, as socketserver's.
             self.request.close()
 
     def handle(self) -> None:

@@ -7,6 +7,7 @@ Handlers (``--handler``):
 
 * ``lines``: a plain ``socketserver.StreamRequestHandler`` that echoes every line.
 * ``http``: ``http.server.SimpleHTTPRequestHandler`` serving ``--dir``.
+* ``wsgi``: examples.http's handler with an application that says hello and its pid.
 * ``ctl``: reads one command line and answers it:
 
   - ``pid``: ``<pid>``
@@ -27,18 +28,20 @@ Handlers (``--handler``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.server
 import logging
 import os
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
 from pathlib import Path
 
-from prefork_server import PreforkTCPServer, PreforkUnixStreamServer
+from prefork_server import PreforkMixIn, PreforkTCPServer, PreforkUnixStreamServer
 
 
 class LineEcho(socketserver.StreamRequestHandler):
@@ -118,6 +121,33 @@ class TCPServer(CountingVerify, PreforkTCPServer):
     pass
 
 
+class SaysBye(socketserver.TCPServer):
+    """A server class of the user's own, after PreforkMixIn in the MRO: its
+    shutdown_request(), reached through PreforkMixIn's super(), says bye to the client."""
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            request.sendall(b"bye\n")
+        super().shutdown_request(request)
+
+
+class ByeServer(PreforkMixIn, SaysBye):
+    allow_reuse_address = True
+
+
+class LingerServer(PreforkTCPServer):
+    """A close_request() that touches the socket (as one setting SO_LINGER would)."""
+
+    def close_request(self, request: socket.socket) -> None:
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+        super().close_request(request)
+
+
+def wsgi_hello(environ: dict, start_response: object) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+    return [b"hello from %d" % os.getpid()]
+
+
 class TCP6Server(PreforkTCPServer):
     address_family = socket.AF_INET6
 
@@ -168,9 +198,9 @@ def shut_down_after_first_answer(server: socketserver.BaseServer) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading", "forking"],
-                   default="tcp")  # fmt: skip
-    p.add_argument("--handler", choices=["lines", "ctl", "http", "park"], default="ctl")
+    p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading", "forking",
+                                        "bye", "linger"], default="tcp")  # fmt: skip
+    p.add_argument("--handler", choices=["lines", "ctl", "http", "park", "wsgi"], default="ctl")
     p.add_argument("--park-timeout", type=float, default=30.0)
     p.add_argument("--bind", default="127.0.0.1", help="host, or the socket path for unix "
                    "(@name: in the abstract namespace)")  # fmt: skip
@@ -188,12 +218,17 @@ def main() -> None:
     handler: object = {"lines": LineEcho, "ctl": Ctl, "park": Parking}.get(a.handler)
     if a.handler == "http":
         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=a.dir)
+    elif a.handler == "wsgi":  # examples.http's handler, with a hello application
+        from examples.http import make_handler
+
+        handler = make_handler(wsgi_hello)
     if a.server == "unix":
         cls: type[socketserver.BaseServer] = PreforkUnixStreamServer
         address: object = "\0" + a.bind[1:] if a.bind.startswith("@") else a.bind  # abstract
     else:
         cls = {"tcp": TCPServer, "tcp6": TCP6Server, "http": HTTPServer,
-               "threading": ThreadingServer, "forking": ForkingServer}[a.server]  # fmt: skip
+               "threading": ThreadingServer, "forking": ForkingServer, "bye": ByeServer,
+               "linger": LingerServer}[a.server]  # fmt: skip
         address = (a.bind, 0)
     with cls(address, handler, workers=a.workers, timeout=a.timeout) as server:
         if a.server == "unix":
