@@ -374,7 +374,7 @@ class PreforkMixIn(socketserver.BaseServer):
         """
         listener = self.socket.fileno()
         self._plain_hooks = _plain_hooks(self, _CONNECTION_HOOKS)
-        self._handler_may_close = _plain_hooks(self, ("shutdown_request", "close_request"))
+        self._handler_may_close = _plain_hooks(self, _CONNECTION_HOOKS[1:])
         self._accept_paused_until = 0.0
         parked = self._parked = {}
         self._loop_thread = threading.get_ident()
@@ -540,9 +540,11 @@ class PreforkMixIn(socketserver.BaseServer):
 
     @property
     def handler_may_close(self) -> bool:
-        """Whether a handler may close ``self.request`` itself (in a worker whose server
-        overrides neither ``shutdown_request`` nor ``close_request``, which would be
-        handed a closed socket). Worth it only when nothing else holds the descriptor
+        """Whether a handler may close ``self.request`` itself: in a worker whose server
+        overrides none of the hooks that get the connection after the handler
+        (``process_request``, ``finish_request``, ``shutdown_request``,
+        ``close_request``; mix-ins such as ``ThreadingMixIn`` do), which would be handed
+        a closed socket. Worth it only when nothing else holds the descriptor
         (no ``makefile()`` object left open, no process forked since it was accepted):
         ``close()`` then ends the connection, and :meth:`shutdown_request` saves its
         ``shutdown()`` call. False outside a worker."""
@@ -1106,6 +1108,7 @@ class _Poller:
             self._selector.close()
 
 
+# verify_request first: the others may still use the connection once the handler is done.
 _CONNECTION_HOOKS = (
     "verify_request", "process_request", "finish_request", "shutdown_request", "close_request"
 )  # fmt: skip

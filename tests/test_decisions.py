@@ -381,6 +381,9 @@ def test_which_servers_a_worker_may_skip_the_connection_hooks_of(hook: str) -> N
     assert not plain(type("MixedIn", (PreforkMixIn, user_base), {}))
     assert not plain(PreforkTCPServer, **{hook: lambda *a: True})
     assert plain(type("Plain", (PreforkTCPServer,), {"app_name": "x"}))
-    # What a handler may close itself depends on the two hooks that get the socket last.
-    closes = ("shutdown_request", "close_request")
-    assert plain(type("Sub", (PreforkTCPServer,), override), closes) == (hook not in closes)
+    # Whether a handler may close the connection itself depends on the hooks that get it
+    # after the handler: all but verify_request.
+    after = _CONNECTION_HOOKS[1:]
+    sub = type("Sub", (PreforkTCPServer,), override)
+    assert plain(sub, after) == (hook == "verify_request")
+    assert not plain(PreforkThreadingTCPServer, after)

@@ -454,10 +454,12 @@ def test_a_shutdown_request_of_a_class_after_the_mixin_is_still_called(app) -> N
     assert proc.wait() == 0
 
 
-def test_examples_http_leaves_the_socket_to_a_close_request_that_uses_it(app) -> None:
+@pytest.mark.parametrize("server", ["linger", "linger-after"])
+def test_examples_http_leaves_the_socket_to_a_hook_that_uses_it(app, server: str) -> None:
     # The HTTP handler closes its connection itself only where the server lets it: a
-    # close_request() override that touches the socket still gets an open one.
-    proc = app("--server", "linger", "--handler", "wsgi", "--workers", "1")
+    # close_request() or finish_request() override that touches the socket after the
+    # handler still gets an open one.
+    proc = app("--server", server, "--handler", "wsgi", "--workers", "1")
     port = proc.port()
     workers = wait_workers(proc.pid, 1)
     for _ in range(3):

@@ -302,9 +302,10 @@ class HTTPHandler(socketserver.BaseRequestHandler):
             "listener": listener,
             "clients_waiting": clients_waiting,
             "can_park": can_park,  # None: this server cannot park at all
-            # See finish(): a prefork server whose hooks allow it, one thread (another
-            # thread could fork between the check and the close), and the process's fork
-            # count when it started serving.
+            # See finish(): a prefork server whose hooks allow it, no handler threads
+            # (one could fork between another's check and close), and the process's fork
+            # count when it started serving. An application thread that forks in that
+            # same instant is not covered: a window of a few bytecodes.
             "close_here": worker is not None
             and not threads
             and bool(getattr(self.server, "handler_may_close", False)),

@@ -143,6 +143,14 @@ class LingerServer(PreforkTCPServer):
         super().close_request(request)
 
 
+class LingerAfterHandler(PreforkTCPServer):
+    """A finish_request() that touches the socket after the handler is done."""
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:
+        super().finish_request(request, client_address)
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+
+
 def wsgi_hello(environ: dict, start_response: object) -> list[bytes]:
     start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
     return [b"hello from %d" % os.getpid()]
@@ -199,7 +207,8 @@ def shut_down_after_first_answer(server: socketserver.BaseServer) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading", "forking",
-                                        "bye", "linger"], default="tcp")  # fmt: skip
+                                        "bye", "linger", "linger-after"],
+                   default="tcp")  # fmt: skip
     p.add_argument("--handler", choices=["lines", "ctl", "http", "park", "wsgi"], default="ctl")
     p.add_argument("--park-timeout", type=float, default=30.0)
     p.add_argument("--bind", default="127.0.0.1", help="host, or the socket path for unix "
@@ -228,7 +237,7 @@ def main() -> None:
     else:
         cls = {"tcp": TCPServer, "tcp6": TCP6Server, "http": HTTPServer,
                "threading": ThreadingServer, "forking": ForkingServer, "bye": ByeServer,
-               "linger": LingerServer}[a.server]  # fmt: skip
+               "linger": LingerServer, "linger-after": LingerAfterHandler}[a.server]  # fmt: skip
         address = (a.bind, 0)
     with cls(address, handler, workers=a.workers, timeout=a.timeout) as server:
         if a.server == "unix":
