@@ -24,11 +24,11 @@ For each worker count, each of keep-alive and ``Connection: close`` (``wrk -H 'C
 close'``) and each connection count, wrk (``-t2 --latency --timeout 5s``) runs against
 every server in turn, the order rotated from one round to the next, for several rounds;
 every server runs for the whole benchmark. The table shows medians over the rounds of
-requests/s, wrk's p50 and p99 latency and the workers' CPU time per request (from
-/proc), the socket errors and non-2xx responses of all rounds, how many of wrk's
-connections were served at all (the fewest of any round), and ratios of requests/s to
-gunicorn sync and to the h11 floor (the median of the round-by-round ratios: each pair was
-measured minutes apart at most).
+requests/s, wrk's p50 and p99 latency and the workers' CPU time per request (the
+scheduler's on-CPU time from /proc/PID/task/*/schedstat), the socket errors and non-2xx
+responses of all rounds, how many of wrk's connections were served at all (the fewest of
+any round), and ratios of requests/s to gunicorn sync and to the h11 floor (the median of
+the round-by-round ratios: each pair was measured minutes apart at most).
 
 "Served": wrk does not say how many of its connections got an answer, and with one
 connection per wrk thread (the only way a wrk Lua script can tell connections apart) wrk
@@ -447,16 +447,26 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def workers_cpu(pids: list[int]) -> float:
-    """User + system CPU seconds of ``pids`` so far (all threads; gone processes count 0)."""
-    total = 0
+    """CPU seconds of ``pids`` so far, all threads (gone processes count 0): the
+    scheduler's on-CPU time in nanoseconds (``/proc/PID/task/*/schedstat``), or else
+    user + system time in clock ticks, which are samples (a process that runs in short
+    bursts between waits is charged a tick or nothing) and blur differences of a few
+    percent."""
+    total = 0.0
     for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            total += sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 if __name__ == "__main__":
