@@ -146,6 +146,19 @@ class Worker:
             self._slot.mark_booted(now)
         else:
             self._slot.beat(now)
+        if self._reopen_requested or now >= self._next_parent_check:
+            self._checks_due(now)
+        if self._set_title is not None:
+            if not self._alive:
+                if self._shown != "stopping":
+                    self._show_title("stopping", now)
+            elif self._title_due and now >= self._title_due:
+                self._show_title("idle", now)
+        return self._alive
+
+    def _checks_due(self, now: float) -> None:
+        # What a beat looks after besides the stamp: a log reopening asked by USR1, and
+        # at most twice a second, whether the master is still there.
         if self._reopen_requested:
             self._reopen_requested = False
             if self._reopen_logs is not None:
@@ -153,12 +166,6 @@ class Worker:
                     self._reopen_logs()
                 except OSError as e:  # the old files stay open: nothing is lost
                     self.logger.warning("worker[%d] cannot reopen logs: %s", self.number, e)
-        if self._set_title is not None:
-            if not self._alive:
-                if self._shown != "stopping":
-                    self._show_title("stopping", now)
-            elif self._title_due and now >= self._title_due:
-                self._show_title("idle", now)
         if self._alive and now >= self._next_parent_check:
             self._next_parent_check = now + _PARENT_CHECK_INTERVAL
             if self.master_is_gone():
@@ -166,7 +173,6 @@ class Worker:
                     "worker[%d] master %d is gone, exiting", self.number, self.master_pid
                 )
                 self._alive = False
-        return self._alive
 
     def refresh_title(self) -> None:
         """Show the title :attr:`title_due` waits for, without stamping the heartbeat:
@@ -192,7 +198,10 @@ class Worker:
                 self._show_title("busy", now)
 
     def idle(self) -> None:
-        """Mark the end of a unit of work: heartbeat, and one more unit served.
+        """Mark the end of a unit of work: heartbeat (with what :meth:`heartbeat` looks
+        after: log reopening, the master's death), and one more unit served; afterwards
+        :attr:`alive` says whether to go on, so a loop need not call :meth:`heartbeat`
+        too between two units.
 
         The process title says "idle" only once the worker has been idle for
         ``TITLE_IDLE_DELAY`` seconds, at a later :meth:`heartbeat`; a loop that blocks
@@ -201,6 +210,8 @@ class Worker:
         self.served += 1
         self._slot.idle(now, self.served)
         self._check_max_requests()
+        if self._reopen_requested or now >= self._next_parent_check:
+            self._checks_due(now)
         if self._set_title is not None:
             if self._alive:
                 self._title_due = now + TITLE_IDLE_DELAY

@@ -202,6 +202,36 @@ def test_a_spare_worker_is_booting_or_idle_whatever_it_holds() -> None:
     assert not is_spare(view(SlotState.STOPPING, 0))
 
 
+def test_idle_notices_the_masters_death_and_a_reopen_request_as_a_heartbeat_does() -> None:
+    # Between two connections the worker loop reads only worker.alive after idle(): a
+    # worker that never runs out of connections must still see its master go and USR1.
+    board = Scoreboard()
+    death_r, death_w = os.pipe()
+    reopened: list[bool] = []
+    try:
+        worker = Worker(
+            number=0, generation=1, slot=board.allocate(0, 1), master_pid=os.getppid(),
+            death_fd=death_r, timeout=30, logger=logging.getLogger("test"),
+            reopen_logs=lambda: reopened.append(True),
+        )  # fmt: skip
+        worker.heartbeat()
+        worker._on_usr1(signal.SIGUSR1, None)  # the handler only records it
+        worker.busy()
+        worker.idle()
+        assert reopened == [True] and worker.alive
+        os.close(death_w)  # the master is gone: its end of the pipe closes
+
+        def one_unit() -> bool:
+            worker.busy()
+            worker.idle()
+            return not worker.alive
+
+        wait_for(one_unit, what="the master's death seen by idle()")  # asked twice a second
+    finally:
+        os.close(death_r)
+        board.close()
+
+
 def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment(monkeypatch) -> None:
     # A title change is a system call: a worker going from one short connection to the
     # next must not pay two per connection, but a stuck one must show "busy" at once. The
