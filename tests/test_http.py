@@ -638,10 +638,13 @@ def test_two_keep_alive_clients_get_a_worker_each(serve) -> None:
     server.assert_clean_log()
 
 
-def test_parked_connections_move_to_a_worker_that_became_idle(serve) -> None:
+@pytest.mark.parametrize("together", [True, False], ids=["at-once", "in-turn"])
+def test_parked_connections_move_to_a_worker_that_became_idle(serve, together: bool) -> None:
     """Two keep-alive clients end up on one worker while the other is busy (with a slow
     request); once that one idles, one of the two connections is ended after a response
-    and its client's next connection goes to the idle worker."""
+    and its client's next connection goes to the idle worker: whether the clients send
+    at once (a client waits for the worker) or in turn (each finds the worker free, and
+    the connections only take turns in its loop)."""
     server = serve("--no-access-log", "--keepalive-timeout", "60")
     wait_for(lambda: all_workers_idle(server), what="both workers waiting for clients")
     with server.connect() as slow:
@@ -658,10 +661,15 @@ def test_parked_connections_move_to_a_worker_that_became_idle(serve) -> None:
             assert at_eof(slow), "the slow request ended: its worker idles"
             moved = False
             for _ in range(50):
-                # Both at once: that worker then has a client waiting while it serves one.
-                for conn in (a, b):
-                    conn.request("GET", "/pid")  # reconnects after a Connection: close
+                # At once: that worker then has a client waiting while it serves one.
                 for i, conn in enumerate((a, b)):
+                    conn.request("GET", "/pid")  # reconnects after a Connection: close
+                    if not together:
+                        r = conn.getresponse()
+                        assert r.status == 200
+                        last[i] = r.read()
+                        moved = moved or r.will_close
+                for i, conn in enumerate((a, b) if together else ()):
                     r = conn.getresponse()
                     assert r.status == 200
                     last[i] = r.read()

@@ -1041,9 +1041,14 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         idle, it has not taken the client within ``_IDLE_TRUST``: stopped, say)."""
         if self._others_parked():
             # Unless nothing else was ready when the loop last woke and the loop can be
-            # watched while waiting here: see _wait_for_request.
+            # watched while waiting here (see _wait_for_request), and no other worker has
+            # idled for a while (then this connection moves: see _should_move).
             contended: bool = self.server.ready_at_wakeup > 1  # type: ignore[attr-defined]
-            return contended or self._state["loop_fd"] < 0
+            return (
+                contended
+                or self._state["loop_fd"] < 0
+                or self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
+            )
         state = self._state
         if not self._others_waiting():
             state["queued_since"] = 0.0
@@ -1057,11 +1062,15 @@ class HTTPHandler(socketserver.BaseRequestHandler):
 
     def _should_move(self, worker: Any) -> bool:
         """Whether a connection giving its worker up should end rather than be parked, so
-        that its client's next connection goes to another worker: only when clients
-        wait for this worker (several descriptors were ready at its last wake-up) while
-        another worker has been idle for a while."""
+        that its client's next connection goes to another worker: only when this worker
+        is shared (clients wait for it: several descriptors were ready at its last
+        wake-up; or it holds other connections parked) while another worker has been
+        idle for a while. Two clients that took turns on one worker while the other
+        idled stayed that way before: each found the other's request alone at the
+        loop's wake-up."""
         contended = self.server.ready_at_wakeup > 1  # type: ignore[attr-defined]
-        return contended and self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
+        shared = contended or self._others_parked()
+        return shared and self._idle_elsewhere(worker, _IDLE_FOR_A_MOVE)
 
     def _others_parked(self) -> bool:
         """Whether this worker holds parked connections (other than this one)."""
