@@ -232,6 +232,35 @@ def test_idle_notices_the_masters_death_and_a_reopen_request_as_a_heartbeat_does
         board.close()
 
 
+def test_the_master_never_reads_a_beat_a_worker_is_writing_as_zero() -> None:
+    # struct.pack_into zeroes its span before it packs: the master, reading meanwhile,
+    # once took a beat of 0 for a heartbeat missed for a day and killed a healthy worker.
+    board = Scoreboard()
+    slot = board.allocate(os.getpid(), 1, now=1000.0)
+    child = os.fork()
+    if child == 0:  # the worker: stamps as busy() and idle() do, as fast as it can
+        try:
+            for i in range(100_000):
+                slot.busy(1000.0 + i)
+                slot.idle(1000.0 + i, i)
+        finally:
+            os._exit(0)
+    low, reads, reaped = [], 0, False
+    try:
+        while not reaped:
+            reaped = os.waitpid(child, os.WNOHANG) != (0, 0)
+            reads += 1
+            beat = slot.last_beat()
+            if beat < 1000.0:
+                low.append(beat)
+    finally:
+        if not reaped:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        board.close()
+    assert reads > 1000 and low == [], f"{len(low)} of {reads} reads saw {low[:3]}"
+
+
 def test_the_title_shows_busy_at_once_and_idle_only_after_a_moment(monkeypatch) -> None:
     # A title change is a system call: a worker going from one short connection to the
     # next must not pay two per connection, but a stuck one must show "busy" at once. The
@@ -394,13 +423,13 @@ def test_which_servers_a_worker_may_skip_the_connection_hooks_of(hook: str) -> N
         PreforkTCPServer,
         PreforkThreadingTCPServer,
         PreforkUnixStreamServer,
-        _plain_hooks,
+        _overrides_none,
     )
 
     def plain(cls: type, names: tuple[str, ...] = _CONNECTION_HOOKS, **attrs: object) -> bool:
         server = cls.__new__(cls)  # no socket: the decision reads classes and attributes
         vars(server).update(attrs)
-        return _plain_hooks(server, names)
+        return _overrides_none(server, names)
 
     assert plain(PreforkTCPServer) and plain(PreforkUnixStreamServer)
     assert not plain(PreforkThreadingTCPServer)  # its own process_request
