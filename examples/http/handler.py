@@ -328,8 +328,8 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         return state
 
     def finish(self) -> None:
-        self._state["buffers"].append(self._buf)  # back to the pool for the next one
         state = self._state
+        state["buffers"].append(self._buf)  # back to the pool for the next one
         if state["close_here"] and state["forks"] == _forks and not self._parked:
             # Nothing else holds the descriptor (no makefile(), and no process forked by
             # this one since it started serving: a child, of multiprocessing say, would
@@ -453,13 +453,11 @@ class HTTPHandler(socketserver.BaseRequestHandler):
         poller = polls.get(kind)
         if poller is None:
             poller = polls[kind] = select.poll()
-            if kind == _IDLE:
+            if kind == _IDLE or kind == _NEIGHBOURS:
                 poller.register(self.request, _POLLIN)
                 poller.register(self._state["listener"], select.POLLIN)
-            elif kind == _NEIGHBOURS:
-                poller.register(self.request, _POLLIN)
-                poller.register(self._state["listener"], select.POLLIN)
-                poller.register(self._state["loop_fd"], select.POLLIN)
+                if kind == _NEIGHBOURS:
+                    poller.register(self._state["loop_fd"], select.POLLIN)
             else:
                 poller.register(self.request, kind)
         return poller
