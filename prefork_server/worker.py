@@ -105,6 +105,7 @@ class Worker:
         self._shown = ""
         self._shown_at = 0.0
         self._title_due = 0.0  # when heartbeat() shows "idle": 0.0 for never
+        self._connections = 0  # as last written to the slot (the master resets it to 0)
 
     # -- for the work function ----------------------------------------------------------
 
@@ -249,8 +250,13 @@ class Worker:
         """Record how many connections this worker holds now (a worker that serves
         several at once: threads, an event loop). Shown by ``prefork-server status`` and
         read by the other workers' :meth:`fewest_connections_elsewhere`. No system
-        call."""
-        self._slot.set_connections(count)
+        call, and no write when the count is the one last recorded. Threads that call
+        it must take turns (as they must for the count to be right at all)."""
+        # A parked connection's turn would otherwise write the same count three times
+        # (resumed, parked again, done).
+        if count != self._connections:
+            self._connections = count
+            self._slot.set_connections(count)
 
     def fewest_connections_elsewhere(self) -> int | None:
         """The fewest connections another serving worker holds (as recorded with

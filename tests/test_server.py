@@ -474,6 +474,32 @@ def test_examples_http_leaves_the_socket_to_a_hook_that_uses_it(app, server: str
     assert "Traceback" not in proc.output() and "crashed" not in proc.output()
 
 
+def test_examples_http_serves_on_when_a_planned_park_is_declined(app) -> None:
+    # A's response is made while B waits in the accept queue of the only worker: the
+    # handler plans to park A's connection, and so makes no new h11 connection for it;
+    # the server declines the park. A's next request, already in the socket, must then
+    # be read by a fresh h11 connection, not the one that served the first request.
+    proc = app("--server", "noparking", "--handler", "wsgi", "--workers", "1")
+    port = proc.port()
+    worker = wait_workers(proc.pid, 1)[0]
+    hello = b"hello from %d" % worker
+    with connect(port) as a:
+        a.sendall(b"GET /?sleep=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        proc.wait_output("APP SLEEPING")  # the first request has been read
+        with connect(port) as b:
+            b.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            a.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer_a = recv_all(a)
+            answer_b = recv_all(b)
+    assert answer_a.count(b"HTTP/1.1 200 OK") == 2, answer_a
+    assert answer_a.count(hello) == 2, answer_a
+    assert answer_b.startswith(b"HTTP/1.1 200 OK") and answer_b.endswith(hello), answer_b
+    assert proc.workers() == [worker], proc.output()
+    proc.signal(signal.SIGQUIT)
+    assert proc.wait() == 0
+    assert "Traceback" not in proc.output(), proc.output()
+
+
 # -- 8. a graceful stop with a request in flight ------------------------------------------
 
 

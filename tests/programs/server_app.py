@@ -152,8 +152,19 @@ class LingerAfterHandler(PreforkTCPServer):
 
 
 def wsgi_hello(environ: dict, start_response: object) -> list[bytes]:
+    query = environ.get("QUERY_STRING", "")
+    if query.startswith("sleep="):
+        print("APP SLEEPING", flush=True)
+        time.sleep(float(query[len("sleep=") :]))
     start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
     return [b"hello from %d" % os.getpid()]
+
+
+class NoParkingServer(PreforkTCPServer):
+    """Says it can park, then declines every park(): a handler's "not parked after all"."""
+
+    def park(self, request: object, client_address: object, timeout: float) -> bool:
+        return False
 
 
 class TCP6Server(PreforkTCPServer):
@@ -207,7 +218,7 @@ def shut_down_after_first_answer(server: socketserver.BaseServer) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--server", choices=["tcp", "tcp6", "unix", "http", "threading", "forking",
-                                        "bye", "linger", "linger-after"],
+                                        "bye", "linger", "linger-after", "noparking"],
                    default="tcp")  # fmt: skip
     p.add_argument("--handler", choices=["lines", "ctl", "http", "park", "wsgi"], default="ctl")
     p.add_argument("--park-timeout", type=float, default=30.0)
@@ -237,7 +248,8 @@ def main() -> None:
     else:
         cls = {"tcp": TCPServer, "tcp6": TCP6Server, "http": HTTPServer,
                "threading": ThreadingServer, "forking": ForkingServer, "bye": ByeServer,
-               "linger": LingerServer, "linger-after": LingerAfterHandler}[a.server]  # fmt: skip
+               "linger": LingerServer, "linger-after": LingerAfterHandler,
+               "noparking": NoParkingServer}[a.server]  # fmt: skip
         address = (a.bind, 0)
     with cls(address, handler, workers=a.workers, timeout=a.timeout) as server:
         if a.server == "unix":
