@@ -133,6 +133,18 @@ def test_scoreboard_slots_record_the_worker_side() -> None:
         assert slot.read().state is SlotState.STOPPING, "a stopping worker stays stopping"
         others = [board.allocate(0, 0, 0.0) for _ in range(300)]  # grows past one segment
         assert len({s.index for s in [slot, *others]}) == 301
+        # Each field lands in its own slot, in any segment (the writes go through typed
+        # views of the whole segment, indexed from the slot's offset).
+        for other in (others[0], others[-1]):
+            other.busy(20.0 + other.index)
+            other.idle(30.0 + other.index, served=other.index)
+            other.set_connections(other.index + 1)
+        for other in (others[0], others[-1]):
+            view = other.read()
+            assert (view.served, view.beat, view.busy_since, view.connections) == (
+                other.index, 30.0 + other.index, 20.0 + other.index, other.index + 1
+            )  # fmt: skip
+        assert slot.read().beat == 14.0 and slot.read().connections == 0, "neighbours untouched"
         board.release(slot)
         assert board.allocate(0, 3, 1.0).index == slot.index, "released slots are reused"
     finally:
