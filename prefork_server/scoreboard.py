@@ -116,7 +116,10 @@ class Slot:
     :class:`_Views`).
     """
 
-    __slots__ = ("_mem", "_offset", "index", "_views", "_beat", "_served", "_connections")
+    __slots__ = (
+        "_mem", "_offset", "index", "_views", "_state", "_beat", "_served", "_connections",
+        "_stopping",
+    )  # fmt: skip
 
     def __init__(self, mem: mmap.mmap, offset: int, index: int, views: _Views) -> None:
         self._mem = mem
@@ -124,13 +127,16 @@ class Slot:
         self.index = index
         self._views = views
         # Indexes of the fields in the typed views.
+        self._state = offset + _STATE_OFFSET
         self._beat = (offset + _BEAT_OFFSET) // 8  # busy_since follows
         self._served = (offset + _SERVED_OFFSET) // 8
         self._connections = (offset + _CONNECTIONS_OFFSET) // 4
+        self._stopping = False  # kept here: only the worker writes its state
 
     def reset(self, pid: int, generation: int, now: float, number: int = 0) -> None:
         """Claim the slot for a newly forked worker (called by the master)."""
         # The spawn time counts as the first beat, so a worker is given a full timeout to boot.
+        self._stopping = False
         _LAYOUT.pack_into(
             self._mem, self._offset, pid, generation, SlotState.BOOTING, 0, number, 0, now, 0.0,
             now, 0,
@@ -150,29 +156,29 @@ class Slot:
         self.idle(now)
 
     def busy(self, now: float) -> None:
-        mem, offset = self._mem, self._offset
-        d, i = self._views.d, self._beat
+        views = self._views
+        d, i = views.d, self._beat
         d[i] = now
         d[i + 1] = now  # busy_since
-        if mem[offset + _STATE_OFFSET] != _STOPPING:  # a stopping worker may finish work
-            mem[offset + _STATE_OFFSET] = _BUSY
+        if not self._stopping:  # a stopping worker may finish work, and stays stopping
+            views.raw[self._state] = _BUSY
 
     def idle(self, now: float, served: int = -1) -> None:
         """Idle since ``now``; with ``served``, the served count is recorded too."""
-        mem, offset = self._mem, self._offset
         views = self._views
         if served >= 0:
             views.q[self._served] = served
         views.d[self._beat] = now
-        if mem[offset + _STATE_OFFSET] != _STOPPING:
-            mem[offset + _STATE_OFFSET] = _IDLE
+        if not self._stopping:
+            views.raw[self._state] = _IDLE
 
     def set_served(self, served: int) -> None:
         """Record how many units of work the worker has done (it keeps the count)."""
         self._views.q[self._served] = served
 
     def stopping(self) -> None:
-        self._mem[self._offset + _STATE_OFFSET] = SlotState.STOPPING
+        self._stopping = True
+        self._views.raw[self._state] = _STOPPING
 
     def ask_stop(self) -> None:
         """The worker asks the master to stop the whole server (read when it exits)."""
