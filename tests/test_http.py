@@ -1363,3 +1363,39 @@ def test_settings_are_validated() -> None:
         HTTPSettings(server_software="a\r\nb")
     with pytest.raises(TypeError):
         make_handler("not an app")  # type: ignore[arg-type]
+
+
+def test_a_handler_keeps_few_enough_fields_in_its_dict_to_share_their_names() -> None:
+    # CPython shares one table of attribute names between the instances of a class up to
+    # 30 names; past it, each handler's __dict__ becomes a table of its own on every
+    # connection. The per-request fields are slots so that the rest stays under that.
+    # Served under a plain socketserver, which the handler supports too.
+    import socketserver
+
+    seen: list[dict[str, Any]] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    class Recording(make_handler(app)):  # type: ignore[misc]
+        def finish(self) -> None:
+            seen.append(dict(vars(self)))
+            super().finish()
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Recording) as server:
+        thread = threading.Thread(target=server.handle_request)
+        thread.start()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+            for i in range(3):  # keep-alive, then close: both paths set their fields
+                close = {"Connection": "close"} if i == 2 else {}
+                conn.request("POST", "/", body=b"x" * i, headers=close)
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (200, b"ok")
+            conn.close()
+        finally:
+            thread.join(10)
+    assert len(seen) == 1
+    assert 0 < len(seen[0]) < 30, sorted(seen[0])
+    assert "_status" not in seen[0] and "request" not in seen[0], "slots, not in the dict"
