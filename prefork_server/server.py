@@ -684,6 +684,7 @@ class PreforkMixIn(socketserver.BaseServer):
                     break
             self._poll.watch_listener(False)
             return
+        queued = False  # the queue held more than the connection the loop woke for
         while self.ready_to_accept() and self._accept_next(worker):
             if self._parked:  # that one was parked: now they all take turns, as above
                 self._poll.watch_listener(False)
@@ -692,11 +693,15 @@ class PreforkMixIn(socketserver.BaseServer):
             # between two connections (about 1.5 us each).
             if not worker.alive:
                 return
-            # Asked before accepting again: an accept() that finds the queue empty costs
-            # an exception, about 4 us, against 0.4 us for the poll (a connection each
-            # wake-up is the common case under light load).
-            if not self.clients_waiting():
-                return
+            # Under light load a wake-up brings one connection, and an accept() that
+            # finds the queue empty costs an exception: so ask first (a zero-timeout
+            # poll). Once the queue has held more than one, accept again without asking
+            # until the queue runs dry: the poll costs as much as an accept, and under
+            # load the queue stays full for many connections (one failing accept a burst).
+            if not queued:
+                if not self.clients_waiting():
+                    return
+                queued = True
 
     def _accept_next(self, worker: Worker) -> bool:
         """Accept one connection and run it; False if there was none to take."""
