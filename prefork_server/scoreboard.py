@@ -2,10 +2,10 @@
 
 Why shared memory and not a pipe or a file touch: the heartbeat is stamped on every unit
 of work, so it must cost no system call. A worker writes ``time.monotonic()`` (a vDSO call
-on Linux, not a syscall) into its slot, packed beforehand and copied in one piece; the
-master reads the slot when it decides who is overdue. The worker's writes are single stores
-of aligned 8-byte (or 4-byte) values through typed ``memoryview`` casts of the mapping, so a
-reader never sees a torn value on the platforms we run on (see :class:`_Views`).
+on Linux, not a syscall) into its slot; the master reads the slot when it decides who is
+overdue. The worker's writes are single stores of aligned 8-byte (or 4-byte) values
+through typed ``memoryview`` casts of the mapping, so a reader never sees a torn value on
+the platforms we run on (see :class:`_Views`).
 
 The memory is a shared ``mmap`` made by the master *before* it forks the worker that will
 own the slot, so the child inherits the mapping. Slots live in fixed-size segments; when

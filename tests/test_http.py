@@ -1384,6 +1384,7 @@ def test_a_handler_keeps_few_enough_fields_in_its_dict_to_share_their_names() ->
             super().finish()
 
     with socketserver.TCPServer(("127.0.0.1", 0), Recording) as server:
+        server.timeout = 10  # handle_request() returns even if the client never connects
         thread = threading.Thread(target=server.handle_request)
         thread.start()
         try:
