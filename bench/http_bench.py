@@ -89,6 +89,7 @@ class Sample:
     requests: int
     served: int = 0  # of wrk's connections, those that got an answer
     cpu_us: float = 0.0  # the workers' CPU time (user + system) per request
+    ipi: float = -1.0  # rescheduling interrupts per request, machine-wide (-1: unknown)
 
 
 @dataclass
@@ -202,6 +203,25 @@ def client_sockets(port: int) -> dict[int, int]:
         if inode is not None and (m := _SS_RECEIVED.search(line)):
             found[inode] = int(m.group(1))
     return found
+
+
+def rescheduling_interrupts() -> int:
+    """All CPUs' rescheduling interrupts so far (Linux's ``RES`` line), or -1.
+
+    One is sent when a task is woken on another CPU than the waker's. With few
+    connections a round can run in two ways: each wrk thread on the CPU of the worker it
+    talks to (about 0 per request) or across CPUs (0.2 to 0.9 per request, and 12-17 us
+    more CPU per request for any server); which one is the scheduler's choice at the
+    start of the run. This tells a slow round of that kind from a slow server."""
+    try:
+        with open("/proc/interrupts") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == "RES:":
+                    return sum(int(x) for x in fields[1:] if x.isdigit())
+    except OSError:
+        pass
+    return -1
 
 
 def run_wrk(port: int, mode: str, conns: int, duration: float, threads: int) -> Sample:
@@ -415,15 +435,20 @@ def main(argv: list[str] | None = None) -> int:
                         assert c.server.proc is not None
                         pids = children_of(c.server.proc.pid)
                         cpu_before = workers_cpu(pids)
+                        ipi_before = rescheduling_interrupts()
                         sample = run_wrk(c.server.port, mode, conns, args.duration, args.threads)
                         used = workers_cpu(pids) - cpu_before
                         sample.cpu_us = used * 1e6 / max(sample.requests, 1)
+                        if ipi_before >= 0:
+                            ipis = rescheduling_interrupts() - ipi_before
+                            sample.ipi = ipis / max(sample.requests, 1)
                         c.samples.setdefault(scenario_key(mode, conns), []).append(sample)
                         print(f"  round {rnd + 1} w={workers} {mode:10} c={conns:<4} "
                               f"{c.name:16} {sample.rps:>9,.0f} req/s  p50 "
                               f"{fmt_us(sample.p50_us):>9}  p99 {fmt_us(sample.p99_us):>9}  "
                               f"errors {sample.socket_errors}+{sample.non2xx}  served "
-                              f"{sample.served}/{conns}  CPU {sample.cpu_us:.0f} us/req",
+                              f"{sample.served}/{conns}  CPU {sample.cpu_us:.0f} us/req"
+                              + (f"  IPI {sample.ipi:.2f}/req" if sample.ipi >= 0 else ""),
                               flush=True)  # fmt: skip
             round_time = time.monotonic() - round_started
     finally:
@@ -433,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
                             str(base_tree)], check=False)  # fmt: skip
     rows = summarize(contenders, scenarios)
-    path = Path(args.json) if args.json else log_dir / "http_bench.json"
-    path.write_text(json.dumps({
+    results = Path(args.json) if args.json else log_dir / "http_bench.json"
+    results.write_text(json.dumps({
         "machine": machine(), "argv": sys.argv[1:], "duration": args.duration,
         "gthread_threads": GTHREAD_THREADS, "rows": rows,
         "samples": {f"{c.name} w{c.workers}": {k: [asdict(s) for s in v]
@@ -443,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=1))  # fmt: skip
     print()
     print(report(rows, args.markdown))
-    print(f"http_bench: results in {path}; {time.monotonic() - started:.0f} s in all")
+    print(f"http_bench: results in {results}; {time.monotonic() - started:.0f} s in all")
     return 0
 
 
