@@ -253,6 +253,8 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
                 return None  # not allowed here (EPERM) or no such call (ENOSYS)
             with socket.socket(fileno=fd) as sock:
                 try:
+                    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                        continue
                     if sock.type != socket.SOCK_STREAM or sock.getpeername()[1] != port:
                         continue
                     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
