@@ -385,6 +385,13 @@ class Master:
         except (BlockingIOError, OSError):
             pass  # a full pipe already wakes the loop; a closed one means we are done
 
+    def _stop_queued(self, signum: int) -> bool:
+        """Whether ``signum`` waits in the queue and means a stop to the master."""
+        if signum not in self._queue:  # Actions are not ints: only signals match
+            return False
+        action = signal_action(signum, graceful_term=self._graceful_term)
+        return action in (Action.GRACEFUL_STOP, Action.IMMEDIATE_STOP)
+
     def _next_action(self) -> Action:
         item = self._queue.popleft()
         if isinstance(item, Action):
@@ -565,6 +572,12 @@ class Master:
             return
         if child.retiring or self._stopping is not None:
             self._log.info("master: %s %s", name, how)
+            return
+        if os.WIFSIGNALED(status) and self._stop_queued(os.WTERMSIG(status)):
+            # The signal went to the whole process group (Ctrl-C in a terminal, `kill --
+            # -PGID`, systemd's KillMode=control-group): the master got it too and stops
+            # next. A stop, not a crash; and no replacement.
+            self._log.info("master: %s %s (sent to the whole process group)", name, how)
             return
         signaled = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _EXTERNAL_KILLS
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -77,6 +77,21 @@ def test_term_and_int_stop_at_once_without_the_code_after_the_loop(
     assert not pid_file.exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_sent_to_the_whole_process_group_is_no_error(start, sig: int) -> None:
+    # Ctrl-C in a terminal sends INT to the foreground process group, workers included;
+    # `kill -- -PGID` and systemd's KillMode=control-group send TERM to every process.
+    # Workers killed by that signal are part of the stop: no ERROR, no replacement.
+    proc, ev = start("--workers", "2")
+    workers = booted(proc, ev, 2)
+    os.killpg(proc.pid, sig)  # the master leads its own session, hence its group
+    assert proc.wait() == 0
+    out = proc.output()
+    assert "ERROR" not in out, out
+    assert out.count("spawned worker") == 2, out
+    assert not any(is_alive(p) for p in workers)
+
+
 def test_quit_kills_workers_that_outlive_the_graceful_timeout(start) -> None:
     proc, ev = start("--workers", "2", "--mode", "stuck-once", "--timeout", "30",
                      "--graceful-timeout", "0.5")  # fmt: skip
