@@ -387,6 +387,9 @@ class Master:
 
     def _stop_queued(self, signum: int) -> bool:
         """Whether ``signum`` waits in the queue and means a stop to the master."""
+        # A signal sent to the whole group is pending in the master before any worker
+        # it killed can be reaped, but may have come after this loop's _read_signals().
+        self._read_signals()
         if signum not in self._queue:  # Actions are not ints: only signals match
             return False
         action = signal_action(signum, graceful_term=self._graceful_term)
@@ -577,7 +580,7 @@ class Master:
             # The signal went to the whole process group (Ctrl-C in a terminal, `kill --
             # -PGID`, systemd's KillMode=control-group): the master got it too and stops
             # next. A stop, not a crash; and no replacement.
-            self._log.info("master: %s %s (sent to the whole process group)", name, how)
+            self._log.info("master: %s %s (the master got it too, and stops)", name, how)
             return
         signaled = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _EXTERNAL_KILLS
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
