@@ -220,6 +220,7 @@ def client_sockets(port: int, client_pid: int = 0) -> dict[int, int]:
 
 _PIDFD_GETFD = 438  # the same number on every Linux architecture (5.6 and later)
 _TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info
 _libc: Any = None
 
 
@@ -233,6 +234,7 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
         return None
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -248,21 +250,32 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
                 continue
             fd = _libc.syscall(_PIDFD_GETFD, pidfd, int(name), 0)
             if fd < 0:
-                if ctypes.get_errno() in (errno.EBADF, errno.ESRCH):
-                    continue  # closed meanwhile, or wrk is gone
+                err = ctypes.get_errno()
+                if err == errno.EBADF:
+                    continue  # closed meanwhile
+                if err == errno.ESRCH:
+                    break  # wrk is gone, and its sockets with it
                 return None  # not allowed here (EPERM) or no such call (ENOSYS)
-            with socket.socket(fileno=fd) as sock:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:  # the number was reused for something else meanwhile
+                os.close(fd)
+                continue
+            with sock:
                 try:
                     if sock.family not in (socket.AF_INET, socket.AF_INET6):
                         continue
                     if sock.type != socket.SOCK_STREAM or sock.getpeername()[1] != port:
                         continue
                     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                    inode = os.fstat(sock.fileno()).st_ino  # the copy's: the link may be stale
                 except OSError:
                     continue  # not connected (yet, or any more)
                 if len(info) < _TCPI_BYTES_RECEIVED + 8:
                     return None  # a kernel older than 4.1
-                found[int(link[8:-1])] = int.from_bytes(
+                if info[0] != _TCP_ESTABLISHED:
+                    continue  # as ss's "state established"
+                found[inode] = int.from_bytes(
                     info[_TCPI_BYTES_RECEIVED : _TCPI_BYTES_RECEIVED + 8], sys.byteorder
                 )
     except OSError:
