@@ -243,17 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() - started > args.max_minutes * 60:
                 print(f"echo_bench: stopping after {rnd} rounds (--max-minutes)", flush=True)
                 break
-            for c in conns:
-                group = runs_at(c)
-                shift = (rnd + c) % len(group)
+            for n in conns:
+                group = runs_at(n)
+                shift = (rnd + n) % len(group)
                 order = group[shift:] + group[:shift]
                 if rnd % 2:
                     order.reverse()
                 for contender in order:
-                    s = measure(contender, c, args.duration)
-                    print(f"  round {rnd + 1} C={c:<4} {contender.name:32} {s.rate:>9,.0f} rt/s "
+                    s = measure(contender, n, args.duration)
+                    print(f"  round {rnd + 1} C={n:<4} {contender.name:32} {s.rate:>9,.0f} rt/s "
                           f"p50 {fmt_us(s.p50_us):>8} p99 {fmt_us(s.p99_us):>8} "
-                          f"served {s.served}/{c} server CPU {s.server_cpu_us:.1f} us/rt",
+                          f"served {s.served}/{n} server CPU {s.server_cpu_us:.1f} us/rt",
                           flush=True)  # fmt: skip
     print()
     print(report(all_, conns, args.markdown))

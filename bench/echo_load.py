@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -159,7 +160,17 @@ def run_load(
     return result
 
 
-def _read_report(fd: int, timeout: float) -> dict[str, object]:
+class _Report(TypedDict):
+    """What a client process sends back, pickled."""
+
+    round_trips: int
+    served: int  # its connections that completed a round trip
+    failed: int
+    cpu: float  # its user + system seconds
+    latencies: bytes  # array("q") of round-trip times in ns
+
+
+def _read_report(fd: int, timeout: float) -> _Report:
     deadline = time.monotonic() + timeout
     data = b""
     try:
@@ -173,7 +184,7 @@ def _read_report(fd: int, timeout: float) -> dict[str, object]:
             data += chunk
     finally:
         os.close(fd)
-    report: dict[str, object] = pickle.loads(data)
+    report: _Report = pickle.loads(data)
     return report
 
 
@@ -203,7 +214,7 @@ def _client(
     elif socks:
         failed += _ping_pong_epoll(socks, message, deadline, lat, per_conn)
     cpu = _cpu_self() - cpu0
-    report = {
+    report: _Report = {
         "round_trips": len(lat),
         "served": sum(1 for n in per_conn if n),
         "failed": failed,

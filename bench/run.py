@@ -64,7 +64,11 @@ def options_of(script: Path) -> str:
 def run(argv: list[str], budget: float) -> int:
     """Run ``argv``, its output passed through; end it by pid if it outlives ``budget``."""
     proc = subprocess.Popen(argv, cwd=BENCH.parent)
-    signals = [(signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)]
+    signals: list[tuple[int, float]] = [
+        (signal.SIGINT, 20.0),
+        (signal.SIGTERM, 10.0),
+        (signal.SIGKILL, 10.0),
+    ]
     try:
         return proc.wait(budget)
     except subprocess.TimeoutExpired:
