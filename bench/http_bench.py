@@ -242,12 +242,6 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
     found: dict[int, int] = {}
     try:
         for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue  # closed meanwhile
-            if not link.startswith("socket:["):
-                continue
             fd = _libc.syscall(_PIDFD_GETFD, pidfd, int(name), 0)
             if fd < 0:
                 err = ctypes.get_errno()
@@ -258,7 +252,7 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
                 return None  # not allowed here (EPERM) or no such call (ENOSYS)
             try:
                 sock = socket.socket(fileno=fd)
-            except OSError:  # the number was reused for something else meanwhile
+            except OSError:  # not a socket (wrk's epoll, its standard streams)
                 os.close(fd)
                 continue
             with sock:
@@ -268,7 +262,7 @@ def _sockets_of(pid: int, port: int) -> dict[int, int] | None:
                     if sock.type != socket.SOCK_STREAM or sock.getpeername()[1] != port:
                         continue
                     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-                    inode = os.fstat(sock.fileno()).st_ino  # the copy's: the link may be stale
+                    inode = os.fstat(sock.fileno()).st_ino
                 except OSError:
                     continue  # not connected (yet, or any more)
                 if len(info) < _TCPI_BYTES_RECEIVED + 8:
@@ -400,6 +394,7 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
                 samples = c.samples.get(key)
                 if not samples:
                     continue
+                placed, placed_rounds = placed_ratio(group, key, name, FLOOR)
                 rows.append({
                     "workers": workers, "mode": mode, "connections": conns, "server": name,
                     "rounds": len(samples),
@@ -412,10 +407,8 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
                     "cpu_us": statistics.median(s.cpu_us for s in samples),
                     "vs_sync": paired_ratio(group, key, name, SYNC),
                     "vs_floor": paired_ratio(group, key, name, FLOOR),
+                    "vs_floor_placed": placed, "placed_rounds": placed_rounds,
                 })  # fmt: skip
-                placed, placed_rounds = placed_ratio(group, key, name, FLOOR)
-                rows[-1]["vs_floor_placed"] = placed
-                rows[-1]["placed_rounds"] = placed_rounds
     return rows
 
 
