@@ -13,6 +13,10 @@ second), until the client closes or asks for ``Connection: close`` (or speaks HT
 No timeouts, no heartbeat, no limits, no yielding to waiting clients: a keep-alive client
 holds its worker until it leaves. SIGQUIT, SIGTERM or SIGINT to the master ends the
 workers and the master.
+
+``--work-us N`` makes each worker spin for N microseconds before each response: a floor
+with a chosen CPU cost per request, to tell how much of a server's distance to the floor
+its extra CPU per request explains (``http_bench.py --floor-work-us``).
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ def wants_close(request: h11.Request) -> bool:
                for name, value in request.headers)  # fmt: skip
 
 
-def serve(sock: socket.socket, clock: Clock) -> None:
+def burn(seconds: float) -> None:
+    """Spin for ``seconds``: a stand-in for the work a framework does per request."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def serve(sock: socket.socket, clock: Clock, work: float = 0.0) -> None:
     """One connection: request after request, until EOF or a request that asks to close."""
     conn = h11.Connection(h11.SERVER)
     while True:
@@ -68,6 +79,8 @@ def serve(sock: socket.socket, clock: Clock) -> None:
             close = wants_close(event)
             continue  # read on to its EndOfMessage (no body for a GET)
         if type(event) is h11.EndOfMessage:
+            if work:
+                burn(work)
             sock.sendall(HEAD + clock.now() + (TAIL_CLOSE if close else TAIL_KEEP))
             if close:
                 return
@@ -81,14 +94,14 @@ def serve(sock: socket.socket, clock: Clock) -> None:
         return  # ConnectionClosed, or Data of a body: not for this floor
 
 
-def worker(listener: socket.socket) -> None:
+def worker(listener: socket.socket, work: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     clock = Clock()
     while True:
         sock, _ = listener.accept()
         try:
-            serve(sock, clock)
+            serve(sock, clock, work)
         except (OSError, h11.ProtocolError):
             pass
         finally:
@@ -99,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (127.0.0.1:8000)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    p.add_argument("--work-us", type=float, default=0.0, metavar="N",
+                   help="spin N microseconds before each response (0)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.work_us < 0:
+        p.error("--work-us must be >= 0")
     host, _, port = args.bind.rpartition(":")
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = os.fork()
         if pid == 0:
             try:
-                worker(listener)
+                worker(listener, args.work_us / 1e6)
             finally:
                 os._exit(0)
         pids.append(pid)

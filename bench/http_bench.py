@@ -8,6 +8,9 @@
     python bench/chart.py                             # the PNG chart of the last run
     python bench/http_bench.py --workers 2 --only "examples.http,h11 floor" --base HEAD~1
                                                       # a change, side by side with before
+    python bench/http_bench.py --workers 2 --modes keep-alive --connections 2 --rounds 20 \
+        --only "examples.http,h11 floor" --floor-work-us 5
+                                                      # and a floor spinning 5 us per request
 
 Every server serves the same 14-byte response, on loopback, with the same number of workers:
 
@@ -18,7 +21,11 @@ Every server serves the same 14-byte response, on loopback, with the same number
 - ``gunicorn sync``: ``gunicorn -k sync`` with the same WSGI application (it closes every
   connection, whatever the client asks);
 - ``gunicorn gthread``: ``gunicorn -k gthread --threads 4`` (keep-alive, 4 threads per
-  worker).
+  worker);
+- with ``--floor-work-us N``, ``h11 floor +N us`` too: the floor spinning N us before each
+  response. With N set to examples.http's CPU per request minus the floor's (the
+  ``CPU/req`` column of an earlier run), it shows how much of examples.http's distance to
+  the floor that extra CPU explains: a ratio near 1 to it means all of it.
 
 For each worker count, each of keep-alive and ``Connection: close`` (``wrk -H 'Connection:
 close'``) and each connection count, wrk (``-t2 --latency --timeout 5s``) runs against
@@ -108,9 +115,14 @@ def scenario_key(mode: str, conns: int) -> str:
     return f"{mode} c={conns}"
 
 
-def commands(workers: int, ours_extra: str) -> dict[str, list[str]]:
+def work_floor(work_us: float) -> str:
+    """The name of the h11 floor that spins ``work_us`` per request (``--floor-work-us``)."""
+    return f"{FLOOR} +{work_us:g} us"
+
+
+def commands(workers: int, ours_extra: str, floor_work_us: float = 0.0) -> dict[str, list[str]]:
     py = sys.executable
-    return {
+    argvs = {
         OURS: [py, "-m", "examples.http", "--bind", "127.0.0.1:{port}", "--workers",
                str(workers), "--no-access-log", "--log-level", "warning", *ours_extra.split(),
                APP],
@@ -121,6 +133,9 @@ def commands(workers: int, ours_extra: str) -> dict[str, list[str]]:
         GTHREAD: ["gunicorn", "-b", "127.0.0.1:{port}", "-k", "gthread", "--threads",
                   str(GTHREAD_THREADS), "-w", str(workers), "--log-level", "warning", APP],
     }  # fmt: skip
+    if floor_work_us > 0:
+        argvs[work_floor(floor_work_us)] = [*argvs[FLOOR], "--work-us", f"{floor_work_us:g}"]
+    return argvs
 
 
 def answers(port: int, timeout: float = 2.0) -> bool:
@@ -387,6 +402,7 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
     rows = []
     for workers in sorted({c.workers for c in contenders}):
         group = {c.name: c for c in contenders if c.workers == workers}
+        busy_floor = next((n for n in group if n.startswith(f"{FLOOR} +")), "")
         for mode, conns in scenarios:
             key = scenario_key(mode, conns)
 
@@ -408,6 +424,8 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
                     "vs_sync": paired_ratio(group, key, name, SYNC),
                     "vs_floor": paired_ratio(group, key, name, FLOOR),
                     "vs_floor_placed": placed, "placed_rounds": placed_rounds,
+                    "busy_floor": busy_floor,
+                    "vs_busy_floor": paired_ratio(group, key, name, busy_floor),
                 })  # fmt: skip
     return rows
 
@@ -454,6 +472,16 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
                 f"c = {r['connections']}: {fmt_ratio(r['vs_floor_placed'])} "
                 f"(well-placed rounds: {r['placed_rounds']})" for r in placed]  # fmt: skip
         out.append("")
+    busy = [r for r in rows if r["server"] == OURS and r.get("busy_floor")]
+    if busy:
+        # A floor given the same CPU per request: what is left of the distance is not
+        # the CPU per request (see h11_floor.py --work-us).
+        out.append(f"{OURS} vs {busy[0]['busy_floor']} (median of the rounds' ratios):")
+        out += [f"{'- ' if markdown else '  '}{r['workers']} workers, "
+                f"{'keep-alive' if r['mode'] == 'keep-alive' else 'Connection: close'} "
+                f"c = {r['connections']}: {fmt_ratio(r['vs_busy_floor'])}"
+                for r in busy]  # fmt: skip
+        out.append("")
     return "\n".join(out)
 
 
@@ -478,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra options for examples.http, e.g. '--keepalive-turn 4'")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=15.0,
                    help="start no round that would end past this (15)")  # fmt: skip
+    p.add_argument("--floor-work-us", type=float, default=0.0, metavar="N",
+                   help="also run the h11 floor spinning N us per request (h11_floor.py "
+                        "--work-us): a floor with examples.http's CPU per request")  # fmt: skip
     p.add_argument("--base", default="", metavar="REV",
                    help="also run examples.http as of git revision REV (a temporary "
                         "worktree): a change measured side by side")  # fmt: skip
@@ -493,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [(mode, int(c)) for mode in args.modes.split(",")
                  for c in args.connections.split(",")]  # fmt: skip
     names = args.only.split(",") if args.only else [OURS, FLOOR, SYNC, GTHREAD]
+    if args.floor_work_us < 0:
+        p.error("--floor-work-us must be >= 0")
+    if args.floor_work_us > 0:
+        names.append(work_floor(args.floor_work_us))
     # The worktree is made once every server's command is known (bad options fail first),
     # inside the try below, whose finally removes it.
     base_tree = None
@@ -500,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         base_tree = Path(tempfile.gettempdir()) / f"http_bench-base-{os.getpid()}"
     contenders = []
     for workers in (int(w) for w in args.workers.split(",")):
-        argvs = commands(workers, args.ours)
+        argvs = commands(workers, args.ours, args.floor_work_us)
         for name in names:
             path = os.pathsep.join([str(REPO), str(BENCH)])
             server = Server(f"{name} w{workers}", argvs[name], free_port(), cwd=BENCH,
