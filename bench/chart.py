@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 SERVERS = ["examples.http", "h11 floor", "gunicorn sync", "gunicorn gthread"]
 COLOURS = {"examples.http": "#1f77b4", "h11 floor": "#7f7f7f", "gunicorn sync": "#d62728",
            "gunicorn gthread": "#ff9896"}  # fmt: skip
+# For any other server (--base REV, --floor-work-us N), in order: none of the above.
+SPARE_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 
 def draw(results: dict, out: Path) -> None:  # type: ignore[type-arg]
@@ -39,6 +41,8 @@ def draw(results: dict, out: Path) -> None:  # type: ignore[type-arg]
             scenarios.append((r["mode"], r["connections"]))
     servers = [s for s in SERVERS if any(r["server"] == s for r in rows)]
     servers += sorted({r["server"] for r in rows} - set(servers))
+    spare = iter(SPARE_COLOURS)
+    colours = {s: COLOURS.get(s) or next(spare, None) for s in servers}
     fig, axes = plt.subplots(2, len(workers), figsize=(6.5 * len(workers), 8), squeeze=False)
     width = 0.8 / len(servers)
     for col, w in enumerate(workers):
@@ -56,7 +60,7 @@ def draw(results: dict, out: Path) -> None:  # type: ignore[type-arg]
                     xs.append(j + (i - (len(servers) - 1) / 2) * width)
                     ys.append(cell[field] * scale)
                     partial.append(cell["served"] < conns)
-                bars = ax.bar(xs, ys, width, label=server, color=COLOURS.get(server))
+                bars = ax.bar(xs, ys, width, label=server, color=colours[server])
                 for bar, short in zip(bars, partial, strict=True):
                     if short:
                         bar.set_hatch("//")

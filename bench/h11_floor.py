@@ -22,6 +22,7 @@ its extra CPU per request explains (``http_bench.py --floor-work-us``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-us", type=float, default=0.0, metavar="N",
                    help="spin N microseconds before each response (0)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.work_us < 0:
-        p.error("--work-us must be >= 0")
+    if not math.isfinite(args.work_us) or args.work_us < 0:
+        p.error("--work-us must be a number >= 0")
     host, _, port = args.bind.rpartition(":")
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

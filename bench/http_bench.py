@@ -23,9 +23,12 @@ Every server serves the same 14-byte response, on loopback, with the same number
 - ``gunicorn gthread``: ``gunicorn -k gthread --threads 4`` (keep-alive, 4 threads per
   worker);
 - with ``--floor-work-us N``, ``h11 floor +N us`` too: the floor spinning N us before each
-  response. With N set to examples.http's CPU per request minus the floor's (the
-  ``CPU/req`` column of an earlier run), it shows how much of examples.http's distance to
-  the floor that extra CPU explains: a ratio near 1 to it means all of it.
+  response (user time only). With N set to examples.http's extra CPU per request over the
+  floor's, it shows how much of examples.http's distance to the floor that extra CPU
+  explains. Measure N on the machine at hand, and like for like: with one worker each and
+  ``wrk -t1 -c1`` on the same CPU (``taskset -c 1``), or from the per-run lines of rounds
+  with no rescheduling interrupts; the ``CPU/req`` column also counts rounds that ran
+  with wrk's threads across CPUs from the workers, which cost every server more.
 
 For each worker count, each of keep-alive and ``Connection: close`` (``wrk -H 'Connection:
 close'``) and each connection count, wrk (``-t2 --latency --timeout 5s``) runs against
@@ -59,6 +62,7 @@ import argparse
 import ctypes
 import errno
 import json
+import math
 import os
 import platform
 import re
@@ -117,7 +121,7 @@ def scenario_key(mode: str, conns: int) -> str:
 
 def work_floor(work_us: float) -> str:
     """The name of the h11 floor that spins ``work_us`` per request (``--floor-work-us``)."""
-    return f"{FLOOR} +{work_us:g} us"
+    return f"{FLOOR} +{work_us:.10g} us"
 
 
 def commands(workers: int, ours_extra: str, floor_work_us: float = 0.0) -> dict[str, list[str]]:
@@ -134,7 +138,7 @@ def commands(workers: int, ours_extra: str, floor_work_us: float = 0.0) -> dict[
                   str(GTHREAD_THREADS), "-w", str(workers), "--log-level", "warning", APP],
     }  # fmt: skip
     if floor_work_us > 0:
-        argvs[work_floor(floor_work_us)] = [*argvs[FLOOR], "--work-us", f"{floor_work_us:g}"]
+        argvs[work_floor(floor_work_us)] = [*argvs[FLOOR], "--work-us", f"{floor_work_us:.10g}"]
     return argvs
 
 
@@ -397,12 +401,14 @@ def placed_ratio(group: dict[str, Contender], key: str, name: str, other: str) -
     return ratio, f"{len(placed[0])}+{len(placed[1])} of {rounds}"
 
 
-def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> list[dict]:  # type: ignore[type-arg]
-    """One row per (workers, scenario, server): medians, totals, ratios."""
+def summarize(
+    contenders: list[Contender], scenarios: list[tuple[str, int]], busy_floor: str = ""
+) -> list[dict]:  # type: ignore[type-arg]
+    """One row per (workers, scenario, server): medians, totals, ratios (also to
+    ``busy_floor``, the floor spinning per request, when it ran)."""
     rows = []
     for workers in sorted({c.workers for c in contenders}):
         group = {c.name: c for c in contenders if c.workers == workers}
-        busy_floor = next((n for n in group if n.startswith(f"{FLOOR} +")), "")
         for mode, conns in scenarios:
             key = scenario_key(mode, conns)
 
@@ -411,6 +417,7 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
                 if not samples:
                     continue
                 placed, placed_rounds = placed_ratio(group, key, name, FLOOR)
+                busy_placed, busy_placed_rounds = placed_ratio(group, key, name, busy_floor)
                 rows.append({
                     "workers": workers, "mode": mode, "connections": conns, "server": name,
                     "rounds": len(samples),
@@ -424,8 +431,10 @@ def summarize(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> 
                     "vs_sync": paired_ratio(group, key, name, SYNC),
                     "vs_floor": paired_ratio(group, key, name, FLOOR),
                     "vs_floor_placed": placed, "placed_rounds": placed_rounds,
-                    "busy_floor": busy_floor,
+                    "busy_floor": busy_floor if busy_floor in group else "",
                     "vs_busy_floor": paired_ratio(group, key, name, busy_floor),
+                    "vs_busy_floor_placed": busy_placed,
+                    "busy_placed_rounds": busy_placed_rounds,
                 })  # fmt: skip
     return rows
 
@@ -476,10 +485,13 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
     if busy:
         # A floor given the same CPU per request: what is left of the distance is not
         # the CPU per request (see h11_floor.py --work-us).
-        out.append(f"{OURS} vs {busy[0]['busy_floor']} (median of the rounds' ratios):")
+        out.append(f"{OURS} vs {busy[0]['busy_floor']}: the median of the rounds' ratios, "
+                   f"and over only each one's well-placed rounds:")  # fmt: skip
         out += [f"{'- ' if markdown else '  '}{r['workers']} workers, "
                 f"{'keep-alive' if r['mode'] == 'keep-alive' else 'Connection: close'} "
-                f"c = {r['connections']}: {fmt_ratio(r['vs_busy_floor'])}"
+                f"c = {r['connections']}: {fmt_ratio(r['vs_busy_floor'])}; well placed "
+                f"{fmt_ratio(r.get('vs_busy_floor_placed', float('nan')))}"
+                + (f" ({r['busy_placed_rounds']})" if r.get("busy_placed_rounds") else "")
                 for r in busy]  # fmt: skip
         out.append("")
     return "\n".join(out)
@@ -524,10 +536,17 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [(mode, int(c)) for mode in args.modes.split(",")
                  for c in args.connections.split(",")]  # fmt: skip
     names = args.only.split(",") if args.only else [OURS, FLOOR, SYNC, GTHREAD]
-    if args.floor_work_us < 0:
-        p.error("--floor-work-us must be >= 0")
-    if args.floor_work_us > 0:
-        names.append(work_floor(args.floor_work_us))
+    if not math.isfinite(args.floor_work_us) or args.floor_work_us < 0:
+        p.error("--floor-work-us must be a number >= 0")
+    busy_floor = work_floor(args.floor_work_us) if args.floor_work_us > 0 else ""
+    if busy_floor:
+        names.append(busy_floor)
+    names = list(dict.fromkeys(names))  # once each, in order
+    known = commands(1, args.ours, args.floor_work_us)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"--only: no server named {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(known)})")  # fmt: skip
     # The worktree is made once every server's command is known (bad options fail first),
     # inside the try below, whose finally removes it.
     base_tree = None
@@ -564,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         start_all(contenders, log_dir)
         for c in contenders:  # warm up: imports, caches, first connections
             run_wrk(c.server.port, "keep-alive", 2, 1.0, 2)
+        name_width = max(len(c.name) for c in contenders)
         for rnd in range(args.rounds):
             elapsed = time.monotonic() - started
             if rnd and elapsed + round_time > args.max_minutes * 60:
@@ -587,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                             sample.ipi = ipis / max(sample.requests, 1)
                         c.samples.setdefault(scenario_key(mode, conns), []).append(sample)
                         print(f"  round {rnd + 1} w={workers} {mode:10} c={conns:<4} "
-                              f"{c.name:16} {sample.rps:>9,.0f} req/s  p50 "
+                              f"{c.name:{name_width}} {sample.rps:>9,.0f} req/s  p50 "
                               f"{fmt_us(sample.p50_us):>9}  p99 {fmt_us(sample.p99_us):>9}  "
                               f"errors {sample.socket_errors}+{sample.non2xx}  served "
                               f"{sample.served}/{conns}  CPU {sample.cpu_us:.0f} us/req"
@@ -600,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         if base_tree is not None and base_tree.exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
                             str(base_tree)], check=False)  # fmt: skip
-    rows = summarize(contenders, scenarios)
+    rows = summarize(contenders, scenarios, busy_floor)
     results = Path(args.json) if args.json else log_dir / "http_bench.json"
     results.write_text(json.dumps({
         "machine": machine(), "argv": sys.argv[1:], "duration": args.duration,
