@@ -27,8 +27,9 @@ Every server serves the same 14-byte response, on loopback, with the same number
   floor's, it shows how much of examples.http's distance to the floor that extra CPU
   explains. Measure N on the machine at hand, and like for like: with one worker each and
   ``wrk -t1 -c1`` on the same CPU (``taskset -c 1``), or from the per-run lines of rounds
-  with no rescheduling interrupts; the ``CPU/req`` column also counts rounds that ran
-  with wrk's threads across CPUs from the workers, which cost every server more.
+  under 0.05 rescheduling interrupts per request; the ``CPU/req`` column also counts
+  rounds that ran with wrk's threads across CPUs from the workers, which cost every
+  server more. Two values of N on either side of the right one bracket the answer.
 
 For each worker count, each of keep-alive and ``Connection: close`` (``wrk -H 'Connection:
 close'``) and each connection count, wrk (``-t2 --latency --timeout 5s``) runs against
@@ -483,8 +484,8 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
         out.append("")
     busy = [r for r in rows if r["server"] == OURS and r.get("busy_floor")]
     if busy:
-        # A floor given the same CPU per request: what is left of the distance is not
-        # the CPU per request (see h11_floor.py --work-us).
+        # A floor given N us more CPU per request: with N set to examples.http's extra,
+        # what is left of the distance is not that CPU (see h11_floor.py --work-us).
         out.append(f"{OURS} vs {busy[0]['busy_floor']}: the median of the rounds' ratios, "
                    f"and over only each one's well-placed rounds:")  # fmt: skip
         out += [f"{'- ' if markdown else '  '}{r['workers']} workers, "
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no round that would end past this (15)")  # fmt: skip
     p.add_argument("--floor-work-us", type=float, default=0.0, metavar="N",
                    help="also run the h11 floor spinning N us per request (h11_floor.py "
-                        "--work-us): a floor with examples.http's CPU per request")  # fmt: skip
+                        "--work-us); set N to examples.http's extra CPU per request")  # fmt: skip
     p.add_argument("--base", default="", metavar="REV",
                    help="also run examples.http as of git revision REV (a temporary "
                         "worktree): a change measured side by side")  # fmt: skip
