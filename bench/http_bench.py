@@ -445,6 +445,13 @@ def fmt_ratio(ratio: float) -> str:
     return "-" if ratio != ratio else f"{ratio:.2f}x"  # NaN is the only value not equal to itself
 
 
+def _cell(r: dict, markdown: bool) -> str:  # type: ignore[type-arg]
+    """``- 2 workers, keep-alive c = 2``: a row's cell, as a line of the notes under the
+    tables begins."""
+    mode = "keep-alive" if r["mode"] == "keep-alive" else "Connection: close"
+    return f"{'- ' if markdown else '  '}{r['workers']} workers, {mode} c = {r['connections']}"
+
+
 def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
     out = []
     for workers in sorted({r["workers"] for r in rows}):
@@ -477,9 +484,7 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
         # run with wrk's threads across CPUs from the workers, slower for any server.
         out.append(f"{OURS} vs {FLOOR}, median requests/s over only each one's well-placed "
                    f"rounds (under {PLACED_IPI} rescheduling interrupts per request):")  # fmt: skip
-        out += [f"{'- ' if markdown else '  '}{r['workers']} workers, "
-                f"{'keep-alive' if r['mode'] == 'keep-alive' else 'Connection: close'} "
-                f"c = {r['connections']}: {fmt_ratio(r['vs_floor_placed'])} "
+        out += [f"{_cell(r, markdown)}: {fmt_ratio(r['vs_floor_placed'])} "
                 f"(well-placed rounds: {r['placed_rounds']})" for r in placed]  # fmt: skip
         out.append("")
     busy = [r for r in rows if r["server"] == OURS and r.get("busy_floor")]
@@ -488,9 +493,8 @@ def report(rows: list[dict], markdown: bool) -> str:  # type: ignore[type-arg]
         # what is left of the distance is not that CPU (see h11_floor.py --work-us).
         out.append(f"{OURS} vs {busy[0]['busy_floor']}: the median of the rounds' ratios, "
                    f"and over only each one's well-placed rounds:")  # fmt: skip
-        out += [f"{'- ' if markdown else '  '}{r['workers']} workers, "
-                f"{'keep-alive' if r['mode'] == 'keep-alive' else 'Connection: close'} "
-                f"c = {r['connections']}: {fmt_ratio(r['vs_busy_floor'])}; well placed "
+        # .get: 1332b54's results had no well-placed ratio to the busy floor.
+        out += [f"{_cell(r, markdown)}: {fmt_ratio(r['vs_busy_floor'])}; well placed "
                 f"{fmt_ratio(r.get('vs_busy_floor_placed', float('nan')))}"
                 + (f" ({r['busy_placed_rounds']})" if r.get("busy_placed_rounds") else "")
                 for r in busy]  # fmt: skip
